@@ -55,6 +55,8 @@ class DataConfig:
     """Fewest shards a split is cut into when it has enough users."""
     overwrite: bool = False
     """Replace an existing shard folder."""
+    num_workers: int = 0
+    """Processes writing shards (0: one per CPU core)."""
 
 
 @dataclass
@@ -304,6 +306,7 @@ def validate(cfg: Config) -> None:
         (cfg.data.max_baskets >= 0, "--data.max_baskets must be >= 0"),
         (cfg.data.users_per_shard >= 1, "--data.users_per_shard must be >= 1"),
         (cfg.data.min_shards >= 1, "--data.min_shards must be >= 1"),
+        (cfg.data.num_workers >= 0, "--data.num_workers must be >= 0"),
         (0 < cfg.data.val_fraction + cfg.data.test_fraction < 1,
          "--data.val_fraction + --data.test_fraction must be in (0, 1)"),
         (cfg.model.dim >= 1, "--model.dim must be >= 1"),

@@ -1,0 +1,141 @@
+"""Times the evaluator's two heavy paths: full-catalog DREAM scoring, and TIFU-KNN.
+
+Usage::
+
+    python benchmarks/evaluate.py [--items 50000] [--dim 128] [--users 8192]
+
+1. Scoring: a randomly initialised DreamModel (``--items`` items, ``--dim``
+   dimensions, the default 2-layer RNN_RELU) ranks every item of the catalog for
+   synthetic users (8 to 16 baskets of 4 to 12 items, last basket held out) and
+   keeps the top 20, exactly as ``dream_dist.evaluate`` does per batch: collate,
+   ``user_vectors``, ``score``, top-K. Reports users per second after one warm-up
+   batch, and the same without collating (model and top-K only).
+2. TIFU-KNN on TaFeng (``../shared/data/tafeng``, keyset_0; skipped when absent):
+   seconds to build the train users' vectors and rank every item for the 2,772
+   test users (k=300), reading the JSON not counted; and its Recall@10.
+
+Last line: one JSON object with ``users_per_s`` and ``tifu_knn_tafeng_s``.
+Targets on the 2-core development machine: >= 3,000 users/s; TIFU-KNN < 60 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dream_dist.baselines import Baskets, TifuKnn
+from dream_dist.config import EvalConfig, ModelConfig
+from dream_dist.data.batching import collate
+from dream_dist.data.shards import UserSequence
+from dream_dist.evaluate import model_top_k
+from dream_dist.metrics import finalize, metric_sums
+from dream_dist.model import DreamModel
+
+TAFENG = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tafeng"
+K = 20
+
+
+def synthetic_users(num_users: int, num_items: int, seed: int) -> list[UserSequence]:
+    """Returns users with 8 to 16 baskets of 4 to 12 distinct-ish random items."""
+    rng = np.random.default_rng(seed)
+    users = []
+    for user in range(num_users):
+        sizes = rng.integers(4, 13, rng.integers(8, 17)).astype(np.int32)
+        items = rng.integers(1, num_items + 1, int(sizes.sum())).astype(np.int32)
+        users.append(UserSequence(user, str(user), items, sizes))
+    return users
+
+
+def time_scoring(args: argparse.Namespace) -> tuple[float, float]:
+    """Returns (users/s with collation, users/s of model and top-K alone)."""
+    torch.manual_seed(0)
+    model = DreamModel(args.items, ModelConfig(dim=args.dim)).eval()
+    users = synthetic_users(args.users, args.items, seed=0)
+    chunks = [
+        users[i : i + args.batch_size] for i in range(0, len(users), args.batch_size)
+    ]
+    device = torch.device("cpu")
+    model_top_k(model, collate(chunks[0], drop_last_basket=True), K, device)
+
+    start = time.perf_counter()
+    batches = [collate(chunk, drop_last_basket=True) for chunk in chunks]
+    collated = time.perf_counter()
+    for batch in batches:
+        model_top_k(model, batch, K, device)
+    done = time.perf_counter()
+    return len(users) / (done - start), len(users) / (done - collated)
+
+
+def _tafeng_users(history: dict, users: list[str]) -> list[UserSequence]:
+    seqs = []
+    for user in users:
+        baskets = [np.asarray(b, np.int32) + 1 for b in history[user][1:-1]]
+        sizes = np.array([len(b) for b in baskets], np.int32)
+        seqs.append(UserSequence(0, user, np.concatenate(baskets), sizes))
+    return seqs
+
+
+def time_tifu_knn() -> tuple[float, float] | None:
+    """Returns (seconds, Recall@10) of TIFU-KNN on TaFeng keyset_0, or None."""
+    if not TAFENG.is_dir():
+        return None
+    history = json.loads((TAFENG / "tafeng_history.json").read_text())
+    future = json.loads((TAFENG / "tafeng_future.json").read_text())
+    keyset = json.loads((TAFENG / "keyset_0.json").read_text())
+    train = _tafeng_users(history, keyset["train"])
+    test = _tafeng_users(history, keyset["test"])
+
+    start = time.perf_counter()
+    tifu = TifuKnn(Baskets.from_sequences(train), keyset["item_num"], EvalConfig())
+    topk_BK = torch.cat(
+        [
+            tifu(Baskets.from_sequences(test[i : i + 512]), K)
+            for i in range(0, len(test), 512)
+        ]
+    )
+    seconds = time.perf_counter() - start
+
+    targets = [np.asarray(future[u][1]) + 1 for u in keyset["test"]]
+    sums = metric_sums(topk_BK, targets, [s.items for s in test], [10])
+    return seconds, finalize(sums)["recall@10"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--items", type=int, default=50_000)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--users", type=int, default=8192)
+    parser.add_argument("--batch-size", type=int, default=512)
+    args = parser.parse_args()
+
+    with torch.inference_mode():
+        users_per_s, model_only = time_scoring(args)
+    print(
+        f"scoring {args.items:,} items x {args.dim} dims, top {K}, "
+        f"{torch.get_num_threads()} threads: {users_per_s:,.0f} users/s "
+        f"({model_only:,.0f} users/s without collating)"
+    )
+    tifu = time_tifu_knn()
+    if tifu is None:
+        print(f"TIFU-KNN: skipped, no TaFeng data at {TAFENG}")
+    else:
+        print(f"TIFU-KNN on TaFeng keyset_0: {tifu[0]:.2f} s, Recall@10 {tifu[1]:.4f}")
+    print(
+        json.dumps(
+            {
+                "users_per_s": round(users_per_s, 1),
+                "tifu_knn_tafeng_s": None if tifu is None else round(tifu[0], 3),
+                "items": args.items,
+                "dim": args.dim,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""DREAM: pooled basket embeddings, an RNN over baskets, tied item scores.
+
+Shape legend (used in names across the project):
+
+- B users in the batch, T = most input baskets of any user (time steps),
+- D = ``cfg.dim`` (embedding and hidden size), I = num_items + 1 (column 0 is padding),
+- K input baskets, M items of the input baskets (flat), U distinct input items,
+- P positive items, Q negatives per positive.
+
+API (see ``dream_dist.data.batching`` for the Batch fields):
+
+- ``DreamModel(num_items, cfg, sparse=False)``: ``sparse=True`` gives the item
+  table sparse gradients (pair it with ``torch.optim.SparseAdam`` for
+  ``model.sparse_parameters()`` and Adam for ``model.dense_parameters()``).
+- ``model(batch) -> hidden_BTD``: hidden state after basket t of every user; rows
+  past a user's ``lengths_B`` are padding and never read.
+- ``model(batch, pairs) -> (pos_P, neg_PQ)``: scores h_t . e_i of sampled training
+  pairs (``PairIndex``), computed inside ``forward`` so that DDP sees every use of
+  the tied item table (see ``dream_dist.losses``).
+- ``model.user_vectors(batch) -> h_BD``: hidden state after each user's last input
+  basket. ``model.score(h_BD) -> scores_BI``: every item, column 0 is ``-inf``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dream_dist.config import ModelConfig
+from dream_dist.data.batching import Batch
+
+_RNNS = {
+    "RNN_TANH": (nn.RNN, {"nonlinearity": "tanh"}),
+    "RNN_RELU": (nn.RNN, {"nonlinearity": "relu"}),
+    "GRU": (nn.GRU, {}),
+    "LSTM": (nn.LSTM, {}),
+}
+
+
+@dataclass
+class PairIndex:
+    """Training pairs: hidden state ``slot_P`` should rank ``pos_items_P`` first."""
+
+    slot_P: torch.Tensor
+    """Row ``user * T + t`` of the flattened hidden grid for each positive."""
+    pos_items_P: torch.Tensor
+    """Positive item of each pair."""
+    neg_items_PQ: torch.Tensor
+    """Q negative items for each positive."""
+
+
+class DreamModel(nn.Module):
+    """The Dynamic REcurrent bAsket Model with tied input and output item embeddings."""
+
+    def __init__(self, num_items: int, cfg: ModelConfig, sparse: bool = False) -> None:
+        super().__init__()
+        if cfg.rnn_type not in _RNNS:
+            raise ValueError(f"--model.rnn_type: unknown {cfg.rnn_type!r}")
+        self.num_items, self.cfg, self.sparse = num_items, cfg, sparse
+        self.item_embedding = nn.Embedding(num_items + 1, cfg.dim, padding_idx=0)
+        rnn_class, kwargs = _RNNS[cfg.rnn_type]
+        self.rnn = rnn_class(
+            cfg.dim,
+            cfg.dim,
+            num_layers=cfg.num_layers,
+            dropout=cfg.dropout if cfg.num_layers > 1 else 0.0,
+            batch_first=True,
+            **kwargs,
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Draws every weight uniform in [-init_range, init_range]; row 0 stays zero."""
+        for param in self.parameters():
+            nn.init.uniform_(param, -self.cfg.init_range, self.cfg.init_range)
+        with torch.no_grad():
+            self.item_embedding.weight[0].zero_()
+
+    def sparse_parameters(self) -> list[nn.Parameter]:
+        """Returns the parameters with sparse gradients (empty unless ``sparse``)."""
+        return [self.item_embedding.weight] if self.sparse else []
+
+    def dense_parameters(self) -> list[nn.Parameter]:
+        """Returns every parameter not in ``sparse_parameters()``."""
+        sparse = {id(p) for p in self.sparse_parameters()}
+        return [p for p in self.parameters() if id(p) not in sparse]
+
+    def item_rows(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (rows_UD, local): the distinct items' embeddings and each item's row.
+
+        One lookup serves pooling and scoring, so the item table gets one gradient
+        (sparse when ``self.sparse``), touching only the rows the batch used.
+        """
+        items_U, local = torch.unique(items, return_inverse=True)
+        rows_UD = F.embedding(items_U, self.item_embedding.weight, sparse=self.sparse)
+        return rows_UD, local
+
+    def pool_baskets(
+        self, batch: Batch, rows_UD: torch.Tensor, local_M: torch.Tensor
+    ) -> torch.Tensor:
+        """Returns basket_KD: each input basket's pooled item embeddings."""
+        mode = "max" if self.cfg.pooling == "max" else "mean"
+        return F.embedding_bag(local_M, rows_UD, batch.offsets_K, mode=mode)
+
+    def forward(
+        self, batch: Batch, pairs: PairIndex | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Returns hidden_BTD, or ``(pos_P, neg_PQ)`` scores when ``pairs`` is given."""
+        if pairs is None:
+            rows_UD, local_M = self.item_rows(batch.items_M)
+            return self.hidden(batch, self.pool_baskets(batch, rows_UD, local_M))
+
+        # one lookup for basket items, positives and negatives
+        items_PQ1 = torch.cat([pairs.pos_items_P[:, None], pairs.neg_items_PQ], dim=1)
+        num_basket_items = batch.items_M.numel()
+        rows_UD, local = self.item_rows(torch.cat([batch.items_M, items_PQ1.flatten()]))
+        basket_KD = self.pool_baskets(batch, rows_UD, local[:num_basket_items])
+        hidden_BTD = self.hidden(batch, basket_KD)
+
+        # s = h_t . e_i for the positive (column 0) and the negatives
+        hidden_PD = hidden_BTD.reshape(-1, hidden_BTD.shape[-1])[pairs.slot_P]
+        rows_PQ1D = rows_UD[local[num_basket_items:].view(items_PQ1.shape)]
+        scores_PQ1 = (rows_PQ1D * hidden_PD[:, None, :].to(rows_UD.dtype)).sum(-1)
+        return scores_PQ1[:, 0], scores_PQ1[:, 1:]
+
+    def hidden(self, batch: Batch, basket_KD: torch.Tensor) -> torch.Tensor:
+        """Returns hidden_BTD: the RNN's state after each basket of the B x T grid."""
+        basket_KD = F.dropout(basket_KD, self.cfg.dropout, self.training)
+
+        # place baskets in the B x T grid; padding is only along the basket axis
+        num_rows = batch.num_users * batch.max_baskets
+        grid = basket_KD.new_zeros(num_rows, basket_KD.shape[1])
+        grid_BTD = grid.index_copy(0, batch.slot_K, basket_KD).view(
+            batch.num_users, batch.max_baskets, -1
+        )
+
+        # NOTE: padding follows each user's last basket, so the causal RNN gives
+        # the same valid states as a packed sequence, and stays autocast-friendly.
+        hidden_BTD, _ = self.rnn(grid_BTD)
+        return hidden_BTD
+
+    def user_vectors(self, batch: Batch) -> torch.Tensor:
+        """Returns h_BD: the hidden state after each user's last input basket."""
+        hidden_BTD = self(batch)
+        users = torch.arange(batch.num_users, device=hidden_BTD.device)
+        return hidden_BTD[users, batch.lengths_B - 1]
+
+    def score(self, h_BD: torch.Tensor) -> torch.Tensor:
+        """Returns scores_BI = h . e_i for every item; column 0 (padding) is -inf."""
+        scores_BI = h_BD @ self.item_embedding.weight.t().to(h_BD.dtype)
+        padding = torch.zeros(1, dtype=torch.long, device=scores_BI.device)
+        return scores_BI.index_fill(1, padding, -torch.inf)

@@ -1,0 +1,10 @@
+# Shared by the launch/ scripts (sourced, not run).
+
+# default_nproc: prints the number of GPUs nvidia-smi lists, or 1 without any.
+default_nproc() {
+  local num_gpus=0
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    num_gpus="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)"
+  fi
+  if ((num_gpus > 0)); then echo "$num_gpus"; else echo 1; fi
+}
