@@ -7,7 +7,9 @@ Usage::
 For 10%, 30% and 100% of Instacart's 206,209 users (``--quick``: 10% only), writes
 the four CSVs with ``python -m dream_dist.synth`` (timed apart, not counted), then
 runs ``python -m dream_dist.prepare --config configs/instacart.toml`` on them in a
-fresh process and reports its wall time and peak memory:
+fresh process and reports its wall time, its CPU time (``cpu_s``, workers included;
+on a shared machine it shows the work done when the wall time shows the queue) and
+its peak memory:
 
 - ``max_proc_gb``: the largest peak RSS of prepare or any one of its workers, exact
   (``wait4`` resource usage);
@@ -53,6 +55,8 @@ class Run:
     synth_seconds: float
     seconds: float
     """Wall time of the prepare command, start to exit."""
+    cpu_seconds: float
+    """User plus system CPU time of prepare and its workers."""
     max_proc_gb: float
     tree_pss_gb: float
 
@@ -131,8 +135,8 @@ def synthesize(folder: Path, users: int, seed: int) -> float:
     return time.perf_counter() - started
 
 
-def run_prepare(data: Path, shards: Path, log_path: Path) -> tuple[float, float, float]:
-    """Runs prepare once; returns (seconds, max_proc_gb, tree_pss_gb).
+def run_prepare(data: Path, shards: Path, log_path: Path) -> tuple[float, ...]:
+    """Runs prepare once; returns (seconds, cpu_seconds, max_proc_gb, tree_pss_gb).
 
     Raises RuntimeError, with the end of prepare's log, if it fails.
     """
@@ -151,8 +155,9 @@ def run_prepare(data: Path, shards: Path, log_path: Path) -> tuple[float, float,
     if process.returncode != 0:
         tail = log_path.read_text(errors="replace")[-2000:]
         raise RuntimeError(f"prepare exited {process.returncode}:\n{tail}")
-    # ru_maxrss is in kB on Linux
-    return seconds, usage.ru_maxrss / 2**20, sampler.peak_kb / 2**20
+    # ru_maxrss is in kB on Linux; wait4 counts the workers prepare reaped
+    cpu_seconds = usage.ru_utime + usage.ru_stime
+    return seconds, cpu_seconds, usage.ru_maxrss / 2**20, sampler.peak_kb / 2**20
 
 
 def measure(users: int, workdir: Path, seed: int, keep: bool) -> Run:
@@ -160,12 +165,12 @@ def measure(users: int, workdir: Path, seed: int, keep: bool) -> Run:
     data, shards = workdir / f"instacart_{users}", workdir / f"shards_{users}"
     synth_seconds = synthesize(data, users, seed)
     rows = count_rows(data)
-    seconds, max_proc_gb, tree_pss_gb = run_prepare(
-        data, shards, workdir / f"prepare_{users}.log"
-    )
+    log_path = workdir / f"prepare_{users}.log"
+    seconds, cpu_seconds, max_proc_gb, tree_pss_gb = run_prepare(data, shards, log_path)
     manifest = json.loads((shards / "manifest.json").read_text())
     print(
-        f"  {users:,} users: synth {synth_seconds:.1f} s, prepare {seconds:.1f} s; "
+        f"  {users:,} users: synth {synth_seconds:.1f} s, prepare {seconds:.1f} s "
+        f"(load average {os.getloadavg()[0]:.1f}); "
         f"manifest input_rows {manifest['input_rows']:,}, "
         f"num_items {manifest['num_items']:,}",
         flush=True,
@@ -173,20 +178,23 @@ def measure(users: int, workdir: Path, seed: int, keep: bool) -> Run:
     if not keep:
         shutil.rmtree(data)
         shutil.rmtree(shards)
-    return Run(users, rows, synth_seconds, seconds, max_proc_gb, tree_pss_gb)
+    return Run(
+        users, rows, synth_seconds, seconds, cpu_seconds, max_proc_gb, tree_pss_gb
+    )
 
 
 def print_table(runs: list[Run]) -> None:
     """Prints one row per run: size, time, memory and throughput."""
     header = (
-        f"{'users':>8} {'rows':>11} {'synth_s':>8} {'seconds':>8} {'peak_rss_gb':>11} "
-        f"{'max_proc_gb':>11} {'tree_pss_gb':>11} {'rows/s':>10}"
+        f"{'users':>8} {'rows':>11} {'synth_s':>8} {'seconds':>8} {'cpu_s':>7} "
+        f"{'peak_rss_gb':>11} {'max_proc_gb':>11} {'tree_pss_gb':>11} {'rows/s':>10}"
     )
     print(header)
     for run in runs:
         print(
             f"{run.users:>8,} {run.rows:>11,} {run.synth_seconds:>8.1f} "
-            f"{run.seconds:>8.1f} {run.peak_rss_gb:>11.2f} {run.max_proc_gb:>11.2f} "
+            f"{run.seconds:>8.1f} {run.cpu_seconds:>7.1f} "
+            f"{run.peak_rss_gb:>11.2f} {run.max_proc_gb:>11.2f} "
             f"{run.tree_pss_gb:>11.2f} {run.rows / run.seconds:>10,.0f}"
         )
 

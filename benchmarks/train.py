@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -77,7 +78,13 @@ def synthetic_users(
 
 
 def write_shards(folder: Path, num_users: int, seed: int) -> Path:
-    """Writes train and val shards plus a manifest; returns the folder."""
+    """Writes train and val shards plus a manifest; returns the folder.
+
+    A folder that already has a manifest (from an earlier run in ``--workdir``)
+    is kept as it is.
+    """
+    if (folder / MANIFEST).exists():
+        return folder
     folder.mkdir(parents=True, exist_ok=True)
     splits, totals = {}, {"baskets": 0, "purchases": 0, "max_baskets": 0}
     counts = {"train": num_users, "val": NUM_VAL_USERS}
@@ -95,14 +102,20 @@ def write_shards(folder: Path, num_users: int, seed: int) -> Path:
         first_user += n
     splits["test"] = {"users": 0, "baskets": 0, "shards": []}
     manifest = {
-        "format_version": FORMAT_VERSION, "num_items": NUM_ITEMS,
-        "num_users": first_user, "num_baskets": totals["baskets"],
-        "num_purchases": totals["purchases"], "input_rows": totals["purchases"],
-        "dropped": {}, "has_reordered": False,
+        "format_version": FORMAT_VERSION,
+        "num_items": NUM_ITEMS,
+        "num_users": first_user,
+        "num_baskets": totals["baskets"],
+        "num_purchases": totals["purchases"],
+        "input_rows": totals["purchases"],
+        "dropped": {},
+        "has_reordered": False,
         "split": {"rule": "users", "seed": seed, "keyset": None},
         "max_baskets": totals["max_baskets"],
         "source": {"format": "synthetic", "input": "benchmarks/train.py"},
-        "item_map": None, "user_map": None, "splits": splits,
+        "item_map": None,
+        "user_map": None,
+        "splits": splits,
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return folder
@@ -138,13 +151,22 @@ def run_trainer(
 ) -> dict[str, float]:
     """Runs the trainer in a fresh process tree; returns users/s and peak RSS (GB)."""
     argv = [
-        sys.executable, "-m", "dream_dist.train", "--config", str(PAPER_CONFIG),
-        f"--data.shards={shards}", f"--train.run_dir={run_dir}",
-        f"--train.max_steps={num_steps}", f"--logging.log_every={log_every}",
-        "--logging.wandb=disabled", "--train.resume=never", *flags,
+        sys.executable,
+        "-m",
+        "dream_dist.train",
+        "--config",
+        str(PAPER_CONFIG),
+        f"--data.shards={shards}",
+        f"--train.run_dir={run_dir}",
+        f"--train.max_steps={num_steps}",
+        f"--logging.log_every={log_every}",
+        "--logging.wandb=disabled",
+        "--train.resume=never",
+        *flags,
     ]
-    process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     peaks: dict[int, int] = {}
 
     # every 20 ms, the latest VmHWM of every process in the tree
@@ -162,14 +184,16 @@ def run_trainer(
         raise RuntimeError(f"trainer failed ({process.returncode}):\n{output[-3000:]}")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
     speeds = [r["train/users_per_s"] for r in records if "train/users_per_s" in r]
-    return {"users_per_s": float(np.mean(speeds[1:] or speeds)),
-            "peak_rss_gb": sum(peaks.values()) / 2**20, "num_processes": len(peaks)}
+    return {
+        "users_per_s": float(np.mean(speeds[1:] or speeds)),
+        "peak_rss_gb": sum(peaks.values()) / 2**20,
+        "num_processes": len(peaks),
+    }
 
 
 def reference_speed(shards: Path, num_batches: int, threads: int) -> float:
     """Returns users/s of the per-user reference on length-bucketed batches."""
     import torch
-
     from reference_dream import ReferenceDream, reference_step
 
     torch.set_num_threads(threads)
@@ -197,9 +221,12 @@ def loader_speed(shards: Path, num_batches: int) -> float:
     manifest = load_manifest(shards)
     loader = TrainLoader(
         shard_paths(shards, manifest, "train"),
-        num_users=manifest["splits"]["train"]["users"], world_size=1,
-        batch_size=cfg.train.batch_size, bucket_buffer=cfg.train.bucket_buffer,
-        num_workers=cfg.train.num_workers, seed=0,
+        num_users=manifest["splits"]["train"]["users"],
+        world_size=1,
+        batch_size=cfg.train.batch_size,
+        bucket_buffer=cfg.train.bucket_buffer,
+        num_workers=cfg.train.num_workers,
+        seed=0,
     )
     batches = loader.epoch(0)
     for _ in range(20):  # workers started and their buffers filled
@@ -213,12 +240,23 @@ def loader_speed(shards: Path, num_batches: int) -> float:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="short runs")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="intra-op threads of trainer and reference alike")
-    parser.add_argument("--sparse", action="store_true",
-                        help="train with --train.sparse=true (SparseAdam item table)")
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="keep shards and runs here (default: a temporary folder)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="intra-op threads of trainer and reference alike",
+    )
+    parser.add_argument(
+        "--sparse",
+        action="store_true",
+        help="train with --train.sparse=true (SparseAdam item table)",
+    )
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="keep shards here and reuse them (default: a temporary folder)",
+    )
     return parser.parse_args(argv)
 
 
@@ -229,24 +267,30 @@ def main(argv: list[str]) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     flags = ["--train.sparse=true"] if args.sparse else []
     sys.path.insert(0, str(Path(__file__).parent))
-    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        work = Path(tmp)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.workdir or Path(tmp)
         results: dict[str, float] = {}
         for num_users in (20_000, 200_000):
             start = time.perf_counter()
             shards = write_shards(work / f"shards_{num_users}", num_users, seed=0)
-            print(f"wrote {num_users} users in {time.perf_counter() - start:.0f} s",
-                  flush=True)
-            run = run_trainer(shards, work / f"run_{num_users}", steps, log_every,
-                              env, flags)
+            print(
+                f"wrote {num_users} users in {time.perf_counter() - start:.0f} s",
+                flush=True,
+            )
+            run_dir = Path(tempfile.mkdtemp(prefix=f"run_{num_users}_", dir=work))
+            run = run_trainer(shards, run_dir, steps, log_every, env, flags)
+            shutil.rmtree(run_dir)  # checkpoints of a 50k-item model are large
             print(f"trainer on {num_users} users: {run}", flush=True)
             tag = f"{num_users // 1000}k"
             results[f"users_per_s_{tag}"] = run["users_per_s"]
             results[f"peak_rss_gb_{tag}"] = run["peak_rss_gb"]
-        results["loader_users_per_s"] = loader_speed(work / "shards_20000", loader_batches)
+        results["loader_users_per_s"] = loader_speed(
+            work / "shards_20000", loader_batches
+        )
         print(f"loader: {results['loader_users_per_s']:.0f} users/s", flush=True)
         results["reference_users_per_s"] = reference_speed(
-            work / "shards_20000", ref_batches, args.threads)
+            work / "shards_20000", ref_batches, args.threads
+        )
         print(f"reference: {results['reference_users_per_s']:.2f} users/s", flush=True)
 
     users_per_s = results["users_per_s_20k"]
@@ -257,14 +301,20 @@ def main(argv: list[str]) -> int:
         "loader_users_per_s": round(results["loader_users_per_s"], 1),
         "peak_rss_gb_20k": round(results["peak_rss_gb_20k"], 3),
         "peak_rss_gb_200k": round(results["peak_rss_gb_200k"], 3),
-        "threads": args.threads, "sparse": args.sparse, "quick": args.quick,
+        "threads": args.threads,
+        "sparse": args.sparse,
+        "quick": args.quick,
         "train_steps": steps,
     }
-    print(f"{'users/s':>10} {'reference':>10} {'speedup':>8} {'loader':>10} "
-          f"{'rss 20k':>8} {'rss 200k':>9}")
-    print(f"{summary['users_per_s']:>10} {summary['reference_users_per_s']:>10} "
-          f"{summary['speedup']:>8} {summary['loader_users_per_s']:>10} "
-          f"{summary['peak_rss_gb_20k']:>8} {summary['peak_rss_gb_200k']:>9}")
+    print(
+        f"{'users/s':>10} {'reference':>10} {'speedup':>8} {'loader':>10} "
+        f"{'rss 20k':>8} {'rss 200k':>9}"
+    )
+    print(
+        f"{summary['users_per_s']:>10} {summary['reference_users_per_s']:>10} "
+        f"{summary['speedup']:>8} {summary['loader_users_per_s']:>10} "
+        f"{summary['peak_rss_gb_20k']:>8} {summary['peak_rss_gb_200k']:>9}"
+    )
     print(json.dumps(summary))
     return 0
 

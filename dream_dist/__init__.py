@@ -1,3 +1,3 @@
-"""dream_dist: a distributed trainer and evaluator for DREAM, the recurrent basket model."""
+"""dream_dist: distributed training and evaluation of DREAM, a next-basket model."""
 
 __version__ = "0.1.0"

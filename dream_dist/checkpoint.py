@@ -51,7 +51,7 @@ def save_atomic(state: dict[str, Any], path: str | os.PathLike) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Returns the checkpoint dict at ``path``, loaded with ``weights_only=True``.
+    """Returns the checkpoint dict at ``path`` (plus ``"path"``), weights_only.
 
     Raises InputError naming the file when it is missing or not a checkpoint.
     """
@@ -69,7 +69,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return ckpt
 
 
-def check_compatible(ckpt: dict[str, Any], num_items: int, model_cfg: ModelConfig) -> None:
+def check_compatible(
+    ckpt: dict[str, Any], num_items: int, model_cfg: ModelConfig
+) -> None:
     """Raises InputError, naming the file, when ``ckpt`` cannot be used here.
 
     A checkpoint fits when its vocabulary size and model shape match.
@@ -101,8 +103,9 @@ def build_model_from_checkpoint(ckpt: dict[str, Any]) -> torch.nn.Module:
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as err:
-        raise InputError(f"{ckpt.get('path', 'checkpoint')}: weights do not fit "
-                         f"the model ({err})") from None
+        raise InputError(
+            f"{ckpt.get('path', 'checkpoint')}: weights do not fit the model ({err})"
+        ) from None
     return model.eval()
 
 
@@ -112,8 +115,13 @@ def rng_state() -> dict[str, Any]:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": {"version": version, "state": list(mt_state), "gauss": gauss},
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)),
-                  "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
@@ -125,8 +133,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
     py = state["python"]
     random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
     npy = state["numpy"]
-    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32),
-                         npy["pos"], npy["has_gauss"], npy["cached"]))
+    np.random.set_state(
+        (
+            npy["kind"],
+            npy["keys"].numpy().astype(np.uint32),
+            npy["pos"],
+            npy["has_gauss"],
+            npy["cached"],
+        )
+    )
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -197,7 +197,9 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
             value = [v for v in value.strip("[]").split(",") if v.strip()]
         if not isinstance(value, list):
             raise ConfigError(f"{name}: expected a list, got {value!r}")
-        return [_coerce(v.strip() if isinstance(v, str) else v, inner, name) for v in value]
+        return [
+            _coerce(v.strip() if isinstance(v, str) else v, inner, name) for v in value
+        ]
     if origin in (typing.Union, types.UnionType):
         raise ConfigError(f"{name}: unsupported type {hint}")
     if hint is bool:
@@ -268,7 +270,9 @@ def _split_flags(argv: list[str]) -> tuple[str | None, list[tuple[str, str]]]:
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--") or arg == "--":
-            raise ConfigError(f"{arg}: unexpected argument (flags look like --train.lr=0.1)")
+            raise ConfigError(
+                f"{arg}: unexpected argument (flags look like --train.lr=0.1)"
+            )
         key, eq, value = arg[2:].partition("=")
         if not eq:
             if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
@@ -307,8 +311,10 @@ def validate(cfg: Config) -> None:
         (cfg.data.users_per_shard >= 1, "--data.users_per_shard must be >= 1"),
         (cfg.data.min_shards >= 1, "--data.min_shards must be >= 1"),
         (cfg.data.num_workers >= 0, "--data.num_workers must be >= 0"),
-        (0 < cfg.data.val_fraction + cfg.data.test_fraction < 1,
-         "--data.val_fraction + --data.test_fraction must be in (0, 1)"),
+        (
+            0 < cfg.data.val_fraction + cfg.data.test_fraction < 1,
+            "--data.val_fraction + --data.test_fraction must be in (0, 1)",
+        ),
         (cfg.model.dim >= 1, "--model.dim must be >= 1"),
         (cfg.model.num_layers >= 1, "--model.num_layers must be >= 1"),
         (0 <= cfg.model.dropout < 1, "--model.dropout must be in [0, 1)"),
@@ -327,7 +333,9 @@ def validate(cfg: Config) -> None:
     known = {"g_topfreq", "p_topfreq", "gp_topfreq", "tifu_knn"}
     unknown = set(cfg.eval.baselines) - known
     if unknown:
-        raise ConfigError(f"--eval.baselines: unknown {sorted(unknown)} (known: {sorted(known)})")
+        raise ConfigError(
+            f"--eval.baselines: unknown {sorted(unknown)} (known: {sorted(known)})"
+        )
 
 
 def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:

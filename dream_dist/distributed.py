@@ -3,16 +3,26 @@
 Rank, local rank and world size come from the environment torchrun sets
 (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``); without it the program is one process
 and every helper here is a no-op, so the same code runs with and without torchrun.
+
+NOTE: with ``torchrun --max-restarts=N`` export ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``
+for torchrun. Otherwise the restarted workers share the rendezvous store of the
+failed attempt, and gloo may read a dead worker's address from it and fail
+("connectFullMesh failed ... Connection refused"); ``init`` warns.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+SHARED_STORE_ENV = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 
 
 @dataclass(frozen=True)
@@ -31,7 +41,7 @@ class DistInfo:
 
 
 def env_ranks() -> tuple[int, int, int]:
-    """Returns (rank, local_rank, world_size) from the environment, (0, 0, 1) without."""
+    """Returns (rank, local_rank, world_size) from the environment, else (0, 0, 1)."""
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -58,6 +68,14 @@ def init(device_choice: str = "auto", timeout_s: float = 600.0) -> DistInfo:
     """
     rank, local_rank, world_size = env_ranks()
     device = pick_device(device_choice, local_rank)
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0))
+    if restarts and rank == 0 and os.environ.get(SHARED_STORE_ENV) != "1":
+        log.warning(
+            "torchrun --max-restarts=%d without %s=1: restarted workers may "
+            "fail to connect (see dream_dist.distributed)",
+            restarts,
+            SHARED_STORE_ENV,
+        )
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(

@@ -13,11 +13,11 @@ EXIT_USAGE = 2
 
 
 class InputError(ValueError):
-    """Input data that cannot be used: names the file, and the row or column if known."""
+    """Unusable input data: names the file, and the row or column if known."""
 
 
 def run_entry_point(main: Callable[[list[str]], int | None], prog: str) -> None:
-    """Runs ``main(argv)`` and exits; a ConfigError or InputError exits 2 with one line."""
+    """Runs ``main(argv)`` and exits; ConfigError/InputError exit 2 with one line."""
     try:
         status = main(sys.argv[1:])
     except (ConfigError, InputError) as err:

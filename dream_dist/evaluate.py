@@ -25,6 +25,7 @@ Written to ``eval.out``::
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -230,8 +231,6 @@ class EvalBatch:
     """One batch of evaluated users, in every form the methods need."""
 
     users: list[UserSequence]
-    batch: Batch
-    """Collated with the last basket as target (for the model)."""
     inputs: Baskets
     """Every basket but the last (for the baselines)."""
     targets: list[np.ndarray]
@@ -243,11 +242,15 @@ class EvalBatch:
         cuts = [len(u.items) - int(u.sizes[-1]) for u in users]
         return cls(
             users=users,
-            batch=collate(users, drop_last_basket=True),
             inputs=input_baskets(users),
             targets=[u.items[c:] for u, c in zip(users, cuts, strict=True)],
             histories=[u.items[:c] for u, c in zip(users, cuts, strict=True)],
         )
+
+    @functools.cached_property
+    def batch(self) -> Batch:
+        """The users collated with the last basket as target (for the model)."""
+        return collate(self.users, drop_last_basket=True)
 
     @property
     def user_index(self) -> np.ndarray:
@@ -425,17 +428,27 @@ TABLE_COLUMNS = (
 )
 
 
-def format_table(metrics: dict[str, dict[str, float]], ks: list[int]) -> str:
-    """Returns the console table: one block per K, one row per method."""
+def format_table(metrics: dict[str, dict[str, float | None]], ks: list[int]) -> str:
+    """Returns the console table: one block per K, one row per method.
+
+    Takes ``evaluate``'s metrics or metrics.json's; a metric over no users
+    (NaN or null) shows as ``-``.
+    """
     lines = []
-    for k in ks:
+    for k in sorted(set(ks)):
         header = f"{'@' + str(k):<12}" + "".join(f"{c:>12}" for c in TABLE_COLUMNS)
         lines += [header, "-" * len(header)]
         for method, values in metrics.items():
-            cells = "".join(f"{values[f'{c}@{k}']:>12.4f}" for c in TABLE_COLUMNS)
+            cells = "".join(_cell(values.get(f"{c}@{k}")) for c in TABLE_COLUMNS)
             lines.append(f"{method:<12}{cells}")
         lines.append("")
     return "\n".join(lines)
+
+
+def _cell(value: float | None) -> str:
+    if value is None or math.isnan(value):
+        return f"{'-':>12}"
+    return f"{value:>12.4f}"
 
 
 def log_to_wandb(cfg: Config, out: Path, metrics: dict[str, dict[str, float]]) -> None:

@@ -16,14 +16,15 @@ Both functions return a 0-dim float32 ``loss_sum`` (summed over pairs) and a
 gives the mean over every pair of every rank, whatever the number of processes.
 
 Why the scores come from ``model(batch, pairs)``: the item table is used twice,
-to pool baskets and to score pairs (tied weights). DDP syncs gradients of what
-``forward`` used; a second use of a parameter outside ``forward`` (scoring with
-``model.module.item_embedding``) escapes its bookkeeping (unused-parameter
-search, static graphs, gradient bucketing order). So sampling happens here
-(indices only, no parameters), and one ``model(batch, pairs)`` call returns the
-pair scores. The layered API, for callers that want the counts of dropped pairs:
-``sample_catalog_pairs`` / ``sample_reorder_pairs`` -> ``model(batch, pairs)`` ->
-``pair_loss``.
+to pool baskets and to score pairs (tied weights). DDP supports parameters used
+inside ``forward``; a second use outside it (scoring with
+``model.module.item_embedding``) is invisible to its bookkeeping and breaks under
+``find_unused_parameters`` (traversal from forward's outputs) or ``static_graph``.
+So sampling happens here (indices only, no parameters), and one
+``model(batch, pairs)`` call looks up basket items, positives and negatives
+together and returns the pair scores. The layered API, for callers that want
+the counts of dropped pairs: ``sample_catalog_pairs`` or ``sample_reorder_pairs``,
+then ``model(batch, pairs.index)``, then ``pair_loss``.
 
 Sampling is exact and vectorised: a negative is drawn uniformly from the allowed
 set by drawing its rank j among allowed values and skipping the excluded values

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -63,12 +64,16 @@ def top_k(scores_BI: torch.Tensor, k: int) -> torch.Tensor:
     return index_BK + 1
 
 
+def _cpu_int64(items: np.ndarray | torch.Tensor | Sequence[int]) -> torch.Tensor:
+    """Returns ``items`` as an int64 CPU tensor (from any device, array or list)."""
+    if isinstance(items, torch.Tensor):
+        return items.detach().to("cpu", torch.int64)
+    return torch.as_tensor(np.asarray(items), dtype=torch.int64)
+
+
 def _flatten(item_sets: ItemSets) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (items, row of each item) of ragged per-user item sets, as int64."""
-    arrays = [
-        torch.as_tensor(np.asarray(items), dtype=torch.int64).reshape(-1)
-        for items in item_sets
-    ]
+    arrays = [_cpu_int64(items).reshape(-1) for items in item_sets]
     sizes = torch.tensor([len(a) for a in arrays], dtype=torch.int64)
     rows = torch.repeat_interleave(torch.arange(len(arrays)), sizes)
     items = torch.cat(arrays) if arrays else torch.zeros(0, dtype=torch.int64)
@@ -103,40 +108,60 @@ def metric_sums(
             f"{len(histories)} histories"
         )
     topk_BK = topk_BK.detach().to("cpu", torch.int64)
-
-    # distinct (user, item) keys of targets and histories
-    target_items, target_rows = _flatten(targets)
-    history_items, history_rows = _flatten(histories)
-    width = 1 + max(
-        int(t.max()) if t.numel() else 0 for t in (topk_BK, target_items, history_items)
-    )
-    target_keys = _keys(target_items, target_rows, width)
-    history_keys = _keys(history_items, history_rows, width)
-    key_rows = target_keys // width
-
-    # target sizes, split into repeat and explore items
-    size_B = torch.bincount(key_rows, minlength=num_users)
-    if num_users and int(size_B.min()) == 0:
-        raise ValueError(f"user in row {int(size_B.argmin())} has an empty target")
-    is_repeat = torch.isin(target_keys, history_keys)
-    rep_size_B = torch.bincount(key_rows[is_repeat], minlength=num_users)
-    expl_size_B = size_B - rep_size_B
-
-    # hits of every top-K slot
-    slot_keys_BK = torch.arange(num_users).unsqueeze(1) * width + topk_BK
-    hit_BK = torch.isin(slot_keys_BK, target_keys) & (topk_BK > 0)
-    rep_hit_BK = hit_BK & torch.isin(slot_keys_BK, history_keys)
+    hits = _Hits.of(topk_BK, targets, histories)
 
     sums = {
         "users": num_users,
-        "users_rep": int((rep_size_B > 0).sum()),
-        "users_expl": int((expl_size_B > 0).sum()),
+        "users_rep": int((hits.rep_size_B > 0).sum()),
+        "users_expl": int((hits.expl_size_B > 0).sum()),
     }
     for k in sorted(set(ks)):
-        sums |= _sums_at(
-            k, hit_BK[:, :k], rep_hit_BK[:, :k], size_B, rep_size_B, expl_size_B
-        )
+        sums |= _sums_at(k, hits)
     return sums
+
+
+@dataclass
+class _Hits:
+    """Which top-K slots hit the target, and the target's repeat/explore sizes."""
+
+    hit_BK: torch.Tensor
+    rep_hit_BK: torch.Tensor
+    """Hits on items the user bought before."""
+    size_B: torch.Tensor
+    rep_size_B: torch.Tensor
+    expl_size_B: torch.Tensor
+
+    @classmethod
+    def of(cls, topk_BK: torch.Tensor, targets: ItemSets, histories: ItemSets) -> _Hits:
+        """Returns the hits of int64 CPU lists; raises ValueError on an empty target."""
+        num_users = topk_BK.shape[0]
+
+        # distinct (user, item) keys of targets and histories
+        target_items, target_rows = _flatten(targets)
+        history_items, history_rows = _flatten(histories)
+        width = 1 + max(_max(t) for t in (topk_BK, target_items, history_items))
+        target_keys = _keys(target_items, target_rows, width)
+        history_keys = _keys(history_items, history_rows, width)
+
+        # target sizes, split into repeat and explore items
+        size_B = torch.bincount(target_keys // width, minlength=num_users)
+        if num_users and int(size_B.min()) == 0:
+            raise ValueError(f"user in row {int(size_B.argmin())} has an empty target")
+        is_repeat = torch.isin(target_keys, history_keys)
+        rep_size_B = torch.bincount(
+            target_keys[is_repeat] // width, minlength=num_users
+        )
+
+        # hits of every top-K slot
+        slot_keys_BK = torch.arange(num_users).unsqueeze(1) * width + topk_BK
+        hit_BK = torch.isin(slot_keys_BK, target_keys) & (topk_BK > 0)
+        rep_hit_BK = hit_BK & torch.isin(slot_keys_BK, history_keys)
+        return cls(hit_BK, rep_hit_BK, size_B, rep_size_B, size_B - rep_size_B)
+
+
+def _max(values: torch.Tensor) -> int:
+    """Returns the largest value, 0 for an empty tensor."""
+    return int(values.max()) if values.numel() else 0
 
 
 def _ideal_dcg(size_B: torch.Tensor) -> torch.Tensor:
@@ -147,17 +172,12 @@ def _ideal_dcg(size_B: torch.Tensor) -> torch.Tensor:
     return cumulative[size_B]
 
 
-def _sums_at(
-    k: int,
-    hit_BK: torch.Tensor,
-    rep_hit_BK: torch.Tensor,
-    size_B: torch.Tensor,
-    rep_size_B: torch.Tensor,
-    expl_size_B: torch.Tensor,
-) -> dict[str, int]:
+def _sums_at(k: int, hits: _Hits) -> dict[str, int]:
     """Returns the sums at cut-off ``k`` from the hits of the first k slots."""
+    hit_BK, rep_hit_BK = hits.hit_BK[:, :k], hits.rep_hit_BK[:, :k]
+    size_B, rep_size_B, expl_size_B = hits.size_B, hits.rep_size_B, hits.expl_size_B
     discount_K = 1.0 / torch.log2(
-        torch.arange(hit_BK.shape[1], dtype=torch.float64) + 2.0
+        torch.arange(hit_BK.shape[1], dtype=torch.float64) + 2
     )
     hits_B = hit_BK.sum(1).double()
     rep_hits_B = rep_hit_BK.sum(1).double()

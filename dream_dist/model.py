@@ -4,7 +4,7 @@ Shape legend (used in names across the project):
 
 - B users in the batch, T = most input baskets of any user (time steps),
 - D = ``cfg.dim`` (embedding and hidden size), I = num_items + 1 (column 0 is padding),
-- K input baskets, M items of the input baskets (flat), U distinct input items,
+- K input baskets, M items of the input baskets (flat), U distinct items looked up,
 - P positive items, Q negatives per positive.
 
 API (see ``dream_dist.data.batching`` for the Batch fields):
@@ -60,7 +60,10 @@ class DreamModel(nn.Module):
         if cfg.rnn_type not in _RNNS:
             raise ValueError(f"--model.rnn_type: unknown {cfg.rnn_type!r}")
         self.num_items, self.cfg, self.sparse = num_items, cfg, sparse
-        self.item_embedding = nn.Embedding(num_items + 1, cfg.dim, padding_idx=0)
+        # NOTE: DDP reads the module's ``sparse`` flag to expect sparse gradients
+        self.item_embedding = nn.Embedding(
+            num_items + 1, cfg.dim, padding_idx=0, sparse=sparse
+        )
         rnn_class, kwargs = _RNNS[cfg.rnn_type]
         self.rnn = rnn_class(
             cfg.dim,
@@ -151,5 +154,6 @@ class DreamModel(nn.Module):
     def score(self, h_BD: torch.Tensor) -> torch.Tensor:
         """Returns scores_BI = h . e_i for every item; column 0 (padding) is -inf."""
         scores_BI = h_BD @ self.item_embedding.weight.t().to(h_BD.dtype)
-        padding = torch.zeros(1, dtype=torch.long, device=scores_BI.device)
-        return scores_BI.index_fill(1, padding, -torch.inf)
+        # in place: a copy of B x I scores costs a third of full-catalog scoring
+        scores_BI[:, 0] = -torch.inf
+        return scores_BI

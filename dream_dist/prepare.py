@@ -52,7 +52,7 @@ import numpy as np
 import polars as pl
 from tqdm import tqdm
 
-from dream_dist.config import Config, ConfigError, DataConfig, parse_config
+from dream_dist.config import ConfigError, DataConfig, parse_config
 from dream_dist.data.shards import (
     FORMAT_VERSION,
     ITEM_MAP,
@@ -66,6 +66,7 @@ from dream_dist.data.shards import (
 )
 from dream_dist.data.sources import Source, load_source, read_keyset
 from dream_dist.errors import InputError, run_entry_point
+from dream_dist.tracking import setup_logging
 
 log = logging.getLogger("dream_dist.prepare")
 
@@ -599,19 +600,10 @@ def _log_summary(out: Path, manifest: dict[str, Any]) -> None:
     )
 
 
-def setup_logging(cfg: Config) -> None:
-    """Sends this process's log lines to stderr at ``cfg.logging.level``."""
-    logging.basicConfig(
-        level=cfg.logging.level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-
-
 def main(argv: list[str]) -> int:
     """Entry point of ``python -m dream_dist.prepare``; returns the exit status."""
     cfg = parse_config(argv)
-    setup_logging(cfg)
+    setup_logging(cfg.logging.level, rank=0)
     prepare(cfg.data, progress=cfg.logging.progress)
     return 0
 

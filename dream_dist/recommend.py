@@ -113,7 +113,8 @@ def recommend(cfg: Config, info: distributed.DistInfo) -> int:
     users = (u for u in iter_users(mine) if wanted is None or u.user in wanted)
     show = info.is_main and cfg.logging.progress and sys.stderr.isatty()
     user_parts, lists = [], []
-    with tqdm(total=shards.num_samples(mine), unit="user", disable=not show) as bar:
+    total = shards.num_samples(mine) if wanted is None else None
+    with tqdm(total=total, unit="user", disable=not show) as bar:
         for chunk in chunks(users, cfg.eval.batch_size):
             exclude = last_baskets(chunk) if cfg.eval.exclude_last_basket else None
             batch = collate(chunk, drop_last_basket=False)

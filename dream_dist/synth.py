@@ -106,6 +106,23 @@ class _Lines:
     item: np.ndarray
 
 
+@dataclass(frozen=True)
+class _Users:
+    """Per-user and per-order draws; orders are numbered user by user, oldest first."""
+
+    num_orders_U: np.ndarray
+    scale_U: np.ndarray
+    """Basket scale of each user, mean 1."""
+    order_start_U: np.ndarray
+    """Global index of each user's first order."""
+    order_user: np.ndarray
+    order_t: np.ndarray
+    """Position of each order in its user's history, from 0."""
+    last_order: np.ndarray
+    order_boost: np.ndarray
+    """Per-order multiplier of basket size, mean 1."""
+
+
 def _expand(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Returns (owner, within) for ``counts[i]`` slots per owner i: who, and which."""
     starts = (np.cumsum(counts) - counts).astype(np.int32)
@@ -137,21 +154,16 @@ def _num_orders(num_users: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def _favourite_lines(
-    params: SynthParams,
-    scale_U: np.ndarray,
-    num_orders_U: np.ndarray,
-    order_start_U: np.ndarray,
-    cdf: np.ndarray,
-    rng: np.random.Generator,
+    params: SynthParams, users: _Users, cdf: np.ndarray, rng: np.random.Generator
 ) -> _Lines:
     """Returns the lines of periodic favourites: each bought every P orders from t0."""
-    num_fav_U = 1 + rng.poisson(params.mean_favourites * scale_U)
+    num_fav_U = 1 + rng.poisson(params.mean_favourites * users.scale_U)
     user_F, _ = _expand(num_fav_U)
     item_F = _draw_items(cdf, user_F.size, rng)
     period_F = rng.choice(_PERIODS, size=user_F.size, p=_PERIOD_SHARES)
 
     # a favourite starts at a skewed point of the history, then a random phase
-    length_F = num_orders_U[user_F]
+    length_F = users.num_orders_U[user_F]
     delay_F = np.floor(rng.random(user_F.size) ** 3 * length_F * 0.7).astype(np.int64)
     first_F = delay_F + rng.integers(0, period_F)
     count_F = np.maximum(0, (length_F - first_F + period_F - 1) // period_F)
@@ -162,27 +174,23 @@ def _favourite_lines(
     fav, k = fav[keep], k[keep]
     order = period_F.astype(np.int32)[fav]
     order *= k
-    order += (order_start_U[user_F] + first_F).astype(np.int32)[fav]
+    order += (users.order_start_U[user_F] + first_F).astype(np.int32)[fav]
     return _Lines(order, item_F[fav])
 
 
 def _catalogue_lines(
-    params: SynthParams,
-    scale_U: np.ndarray,
-    order_user: np.ndarray,
-    order_boost: np.ndarray,
-    cdf: np.ndarray,
-    rng: np.random.Generator,
+    params: SynthParams, users: _Users, cdf: np.ndarray, rng: np.random.Generator
 ) -> _Lines:
     """Returns lines rebought irregularly from each user's personal catalogue."""
+    scale_U = users.scale_U
     size_U = (3 + rng.poisson(params.mean_catalogue * scale_U)).astype(np.int32)
     start_U = np.cumsum(size_U, dtype=np.int32) - size_U
     item_C = _draw_items(cdf, int(size_U.sum()), rng)
 
     # per order a boosted Poisson count; within the catalogue, early items are favoured
-    lam = params.catalogue_per_basket * scale_U[order_user] * order_boost
+    lam = params.catalogue_per_basket * scale_U[users.order_user] * users.order_boost
     order, _ = _expand(rng.poisson(lam))
-    user = order_user[order]
+    user = users.order_user[order]
     pick = rng.random(order.size, dtype=np.float32)
     pick *= pick
     pick *= size_U[user]
@@ -216,6 +224,23 @@ def _next_prime(n: int) -> int:
     return candidate
 
 
+def _cart_rank(
+    lines: _Lines, num_orders: int, prime: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Returns int64 (a * item + b) mod prime, with a and b drawn per order.
+
+    Within one order this is a bijection of the items (prime > every id), so
+    equal items stay equal and distinct items fall in a random-looking order.
+    """
+    a = rng.integers(1, prime, num_orders)
+    b = rng.integers(0, prime, num_orders)
+    rank = a[lines.order]
+    rank *= lines.item
+    rank += b[lines.order]
+    rank %= prime
+    return rank
+
+
 def _finish_lines(
     lines: _Lines, num_orders: int, num_items: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -223,21 +248,13 @@ def _finish_lines(
 
     Raises InputError when orders and items do not fit one 64-bit sort key.
     """
-    # key (order, cart, item); cart = (a * item + b) mod p is a bijection of the
-    # items drawn per order, so one sort both groups duplicates and shuffles carts
+    # key (order, cart, item): one sort groups repeats and shuffles each cart
     prime = _next_prime(num_items)
     cart_bits, item_bits = prime.bit_length(), num_items.bit_length()
     if num_orders.bit_length() + cart_bits + item_bits > 63:
         raise InputError("--users/--items: too many orders and items to generate")
-    a = rng.integers(1, prime, num_orders)
-    b = rng.integers(0, prime, num_orders)
-    order = lines.order.astype(np.int64)
-    key = a[order]
-    key *= lines.item
-    key += b[order]
-    key %= prime
-    key |= order << cart_bits
-    del order
+    key = _cart_rank(lines, num_orders, prime, rng)
+    key |= lines.order.astype(np.int64) << cart_bits
     key <<= item_bits
     key |= lines.item
     key.sort()
@@ -268,15 +285,14 @@ def _reordered(
     return flags
 
 
-def _orders_frame(
-    num_orders_U: np.ndarray, order_id: np.ndarray, rng: np.random.Generator
-) -> pl.DataFrame:
-    """Returns orders.csv: ids, eval_set, weekday, hour, days since the prior order."""
-    num_users = num_orders_U.size
-    order_user, order_t = _expand(num_orders_U)
-    last = order_t == num_orders_U[order_user] - 1
+def _order_times(
+    users: _Users, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Returns each order's weekday, hour, and days since the prior order (NaN first).
 
-    # each user keeps a favourite weekday and hour, and a typical gap between orders
+    Each user keeps a usual weekday and hour, and a typical gap between orders.
+    """
+    num_users, order_user, order_t = users.scale_U.size, users.order_user, users.order_t
     dow_U = rng.integers(0, 7, num_users)
     hour_U = rng.normal(13.5, 3.0, num_users)
     gap_U = rng.uniform(3.0, 30.0, num_users)
@@ -286,12 +302,20 @@ def _orders_frame(
     hour = np.clip(np.rint(hour), 0, 23)
     gap = gap_U[order_user] * rng.gamma(3.0, 1.0 / 3.0, order_t.size)
     days = np.where(order_t == 0, np.nan, np.clip(np.rint(gap), 0, 30))
+    return dow, hour, days
 
+
+def _orders_frame(
+    users: _Users, order_id: np.ndarray, rng: np.random.Generator
+) -> pl.DataFrame:
+    """Returns orders.csv: ids, eval_set, weekday, hour, days since the prior order."""
+    order_user, order_t = users.order_user, users.order_t
+    dow, hour, days = _order_times(users, rng)
     return pl.DataFrame(
         {
             "order_id": order_id.astype(np.int64),
             "user_id": (order_user + 1).astype(np.int64),
-            "eval_set": np.where(last, "train", "prior"),
+            "eval_set": np.where(users.last_order, "train", "prior"),
             "order_number": (order_t + 1).astype(np.int64),
             "order_dow": dow.astype(np.int64),
             "order_hour_of_day": hour.astype(np.int64),
@@ -345,6 +369,50 @@ def _line_frames(
     return frames[0], frames[1]
 
 
+def _draw_users(params: SynthParams, rng: np.random.Generator) -> _Users:
+    """Returns every user's order count and basket scale, and each order's boost."""
+    num_orders_U = _num_orders(params.num_users, rng)
+    scale_U = rng.lognormal(-0.125, 0.5, params.num_users)
+    order_user, order_t = _expand(num_orders_U)
+    return _Users(
+        num_orders_U=num_orders_U,
+        scale_U=scale_U,
+        order_start_U=np.cumsum(num_orders_U) - num_orders_U,
+        order_user=order_user,
+        order_t=order_t,
+        last_order=order_t == num_orders_U[order_user] - 1,
+        order_boost=rng.gamma(2.0, 0.5, order_user.size),
+    )
+
+
+def _concat(*parts: _Lines) -> _Lines:
+    """Returns the lines of all ``parts``, in turn."""
+    return _Lines(
+        np.concatenate([part.order for part in parts]),
+        np.concatenate([part.item for part in parts]),
+    )
+
+
+def _all_lines(
+    params: SynthParams, users: _Users, cdf: np.ndarray, rng: np.random.Generator
+) -> _Lines:
+    """Returns favourite, catalogue, exploration and successor lines (with repeats)."""
+    fav = _favourite_lines(params, users, cdf, rng)
+    cat = _catalogue_lines(params, users, cdf, rng)
+    lam = params.explore_per_basket * users.scale_U[users.order_user]
+    explore_order, _ = _expand(rng.poisson(lam * users.order_boost))
+    explore = _Lines(explore_order, _draw_items(cdf, explore_order.size, rng))
+    base = _concat(fav, cat, explore)
+    del fav, cat, explore
+    pairs = _pair_lines(params, base, users.last_order, cdf, rng)
+
+    # every order holds at least one item
+    sizes = np.bincount(base.order, minlength=users.order_user.size)
+    sizes += np.bincount(pairs.order, minlength=users.order_user.size)
+    empty = np.flatnonzero(sizes == 0).astype(np.int32)
+    return _concat(base, pairs, _Lines(empty, _draw_items(cdf, empty.size, rng)))
+
+
 def generate(params: SynthParams) -> SynthData:
     """Returns the four Instacart tables; raises InputError on too few users/items."""
     if not 1 <= params.num_users <= MAX_USERS:
@@ -353,52 +421,22 @@ def generate(params: SynthParams) -> SynthData:
         raise InputError(f"--items: need at least 10 items, got {params.num_items}")
     rng = np.random.default_rng(params.seed)
     cdf = _popularity_cdf(params, rng)
+    users = _draw_users(params, rng)
+    num_orders = users.order_user.size
 
-    # users: order counts and a basket scale (mean 1); orders: a per-order boost
-    num_orders_U = _num_orders(params.num_users, rng)
-    scale_U = rng.lognormal(-0.125, 0.5, params.num_users)
-    order_start_U = np.cumsum(num_orders_U) - num_orders_U
-    order_user, order_t = _expand(num_orders_U)
-    num_orders = order_user.size
-    last_order = order_t == num_orders_U[order_user] - 1
-    order_boost = rng.gamma(2.0, 0.5, num_orders)
-
-    # the three base sources, then successors of the base lines
-    fav = _favourite_lines(params, scale_U, num_orders_U, order_start_U, cdf, rng)
-    cat = _catalogue_lines(params, scale_U, order_user, order_boost, cdf, rng)
-    lam = params.explore_per_basket * scale_U[order_user] * order_boost
-    explore_order, _ = _expand(rng.poisson(lam))
-    explore = _Lines(explore_order, _draw_items(cdf, explore_order.size, rng))
-    base = _Lines(
-        np.concatenate([fav.order, cat.order, explore.order]),
-        np.concatenate([fav.item, cat.item, explore.item]),
-    )
-    del fav, cat, explore
-    pairs = _pair_lines(params, base, last_order, cdf, rng)
-
-    # every order holds at least one item
-    empty = np.flatnonzero(
-        np.bincount(np.concatenate([base.order, pairs.order]), minlength=num_orders)
-        == 0
-    )
-    filler = _Lines(empty, _draw_items(cdf, empty.size, rng))
+    # one line per (order, item), in cart order, flagged against the user's history
     order, item = _finish_lines(
-        _Lines(
-            np.concatenate([base.order, pairs.order, filler.order]),
-            np.concatenate([base.item, pairs.item, filler.item]),
-        ),
-        num_orders,
-        params.num_items,
-        rng,
+        _all_lines(params, users, cdf, rng), num_orders, params.num_items, rng
     )
-    del base, pairs
-    reordered = _reordered(order_user[order], order_t[order], item, params.num_items)
+    reordered = _reordered(
+        users.order_user[order], users.order_t[order], item, params.num_items
+    )
 
     # order ids are a shuffle of 1..num_orders, as Instacart's do not follow time
     order_id = rng.permutation(num_orders) + 1
-    prior, train = _line_frames(order, item, reordered, order_id, last_order)
+    prior, train = _line_frames(order, item, reordered, order_id, users.last_order)
     return SynthData(
-        orders=_orders_frame(num_orders_U, order_id, rng),
+        orders=_orders_frame(users, order_id, rng),
         prior=prior,
         train=train,
         products=_products_frame(params.num_items, rng),
@@ -451,6 +489,23 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _log_summary(data: SynthData, out: Path, generate_s: float, write_s: float) -> None:
+    """Logs one line: what was written where, and how long it took."""
+    num_lines = data.prior.height + data.train.height
+    num_reordered = data.prior["reordered"].sum() + data.train["reordered"].sum()
+    log.info(
+        "%d users, %d orders, %d lines (%.2f reordered) in %s; "
+        "generate %.1f s, write %.1f s",
+        data.orders["user_id"].n_unique(),
+        data.orders.height,
+        num_lines,
+        num_reordered / num_lines,
+        out,
+        generate_s,
+        write_s,
+    )
+
+
 def main(argv: list[str]) -> int:
     """Generates and writes the data; returns 0. Raises InputError on bad sizes."""
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
@@ -468,18 +523,7 @@ def main(argv: list[str]) -> int:
     generated = time.perf_counter()
     write(data, args.out, overwrite=args.overwrite)
 
-    num_lines = data.prior.height + data.train.height
-    log.info(
-        "%d users, %d orders, %d lines (%.2f reordered) in %s; "
-        "generate %.1f s, write %.1f s",
-        params.num_users,
-        data.orders.height,
-        num_lines,
-        (data.prior["reordered"].sum() + data.train["reordered"].sum()) / num_lines,
-        args.out,
-        generated - started,
-        time.perf_counter() - generated,
-    )
+    _log_summary(data, args.out, generated - started, time.perf_counter() - generated)
     return 0
 
 

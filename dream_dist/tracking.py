@@ -30,12 +30,13 @@ def setup_logging(level: str, rank: int) -> None:
     handler = logging.StreamHandler(sys.stderr)
     prefix = "" if rank == 0 else f"[rank {rank}] "
     handler.setFormatter(
-        logging.Formatter(f"%(asctime)s %(levelname)-7s {prefix}%(message)s", "%H:%M:%S")
+        logging.Formatter(
+            f"%(asctime)s %(levelname)-7s {prefix}%(message)s", "%H:%M:%S"
+        )
     )
     root = logging.getLogger("dream_dist")
     root.handlers[:] = [handler]
     root.setLevel(level if rank == 0 else "WARNING")
-    root.propagate = False
 
 
 def memory_gb(device: torch.device) -> float:
@@ -87,8 +88,10 @@ def resolve_wandb_mode(wanted: str) -> str:
     if mode == "dryrun":
         mode = "offline"
     if mode == "online" and not has_wandb_key():
-        log.warning("logging.wandb=online but no W&B API key is configured; "
-                    "logging offline (sync later with `wandb sync`)")
+        log.warning(
+            "logging.wandb=online but no W&B API key is configured; "
+            "logging offline (sync later with `wandb sync`)"
+        )
         mode = "offline"
     return mode
 
@@ -131,7 +134,11 @@ class Tracker:
 
 
 def _init_wandb(cfg: Config, run_dir: Path, mode: str) -> Any:
-    """Returns a started W&B run in ``run_dir/wandb`` (the sweep agent's run if any)."""
+    """Returns a started W&B run in ``run_dir/wandb`` (the sweep agent's run if any).
+
+    TODO(wandb-resume): a resumed training run starts a new W&B run; passing the
+    first run's id with resume="allow" would continue its charts.
+    """
     import wandb
 
     return wandb.init(

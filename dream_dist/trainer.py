@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import multiprocessing
 import os
 import signal
 import time
@@ -30,6 +31,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from dream_dist import distributed
+from dream_dist.checkpoint import FORMAT_VERSION as CHECKPOINT_VERSION
 from dream_dist.checkpoint import (
     check_compatible,
     load_checkpoint,
@@ -37,14 +39,19 @@ from dream_dist.checkpoint import (
     save_atomic,
     set_rng_state,
 )
-from dream_dist.checkpoint import FORMAT_VERSION as CHECKPOINT_VERSION
 from dream_dist.config import Config, ConfigError, to_dict, to_toml
 from dream_dist.data.batching import Batch
 from dream_dist.data.shards import UserSequence, load_manifest, shard_paths
 from dream_dist.data.stream import LoaderPosition, TrainLoader, eval_batches
 from dream_dist.losses import LOSSES
-from dream_dist.metrics import finalize, metric_sums, reduce, sums_from_tensor
-from dream_dist.metrics import sums_to_tensor, top_k
+from dream_dist.metrics import (
+    finalize,
+    metric_sums,
+    reduce,
+    sums_from_tensor,
+    sums_to_tensor,
+    top_k,
+)
 from dream_dist.model import DreamModel
 from dream_dist.tracking import Tracker, memory_gb, setup_logging
 
@@ -70,6 +77,18 @@ class Interval:
     start: float = field(default_factory=time.perf_counter)
 
 
+def sweep_run_dir(run_dir: str) -> str:
+    """Returns ``run_dir``, or ``run_dir/<run id>`` for a run a W&B sweep agent started.
+
+    The agent starts every run with the same fixed flags and exports WANDB_SWEEP_ID
+    and WANDB_RUN_ID; one folder per run keeps a run from resuming the previous one.
+    """
+    run_id = os.environ.get("WANDB_RUN_ID")
+    if os.environ.get("WANDB_SWEEP_ID") and run_id:
+        return str(Path(run_dir) / run_id)
+    return run_dir
+
+
 def seed_for(*parts: int) -> int:
     """Returns a 63-bit seed derived from ``parts`` (stable across versions)."""
     return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0]) >> 1
@@ -89,7 +108,11 @@ def lr_at(step: int, cfg: Config, total_steps: int) -> float:
 
 
 def autocast_for(device: torch.device, amp: str) -> AbstractContextManager:
-    """Returns the autocast context of ``train.amp`` on ``device``."""
+    """Returns the autocast context of ``train.amp`` on ``device``.
+
+    TODO(cuda-bf16-rnn): cuDNN's RNN may run in fp16 under bf16 autocast (see the
+    field notes); check the RNN output dtype on a GPU before trusting bf16 there.
+    """
     if amp == "off":
         return nullcontext()
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
@@ -141,6 +164,7 @@ class Trainer:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
+        cfg.train.run_dir = sweep_run_dir(cfg.train.run_dir)
         self.run_dir = Path(cfg.train.run_dir)
         self.step = 0
         self.position = LoaderPosition()
@@ -165,26 +189,7 @@ class Trainer:
         self._check_settings()
         self._install_signal_handlers()
 
-        # data: the manifest decides the vocabulary and the epoch length
-        manifest = load_manifest(cfg.data.shards)
-        self.num_items = int(manifest["num_items"])
-        self.val_urls = self._split_urls(manifest, "val")
-        self.loader = TrainLoader(
-            shard_paths(cfg.data.shards, manifest, "train"),
-            num_users=int(manifest["splits"]["train"]["users"]),
-            world_size=self.dist.world_size,
-            batch_size=cfg.train.batch_size,
-            bucket_buffer=cfg.train.bucket_buffer,
-            num_workers=cfg.train.num_workers,
-            seed=cfg.train.seed,
-        )
-        self.shard_sizes = {
-            str(Path(cfg.data.shards) / s["path"]): s["samples"]
-            for s in manifest["splits"]["train"]["shards"]
-        }
-        self.total_steps = self.loader.steps_per_epoch * cfg.train.epochs
-        if cfg.train.max_steps:
-            self.total_steps = min(self.total_steps, cfg.train.max_steps)
+        self._setup_data()
 
         # model, optimizers, scaler; parameters start equal on every rank
         self._build_model()
@@ -205,9 +210,38 @@ class Trainer:
         if cfg.train.resume == "auto" and (self.ckpt_dir / "last.pt").exists():
             self._resume(self.ckpt_dir / "last.pt")
         self._wrap_ddp()
-        log.info("%d train steps (%d an epoch, %d ranks x %d users, %d loader workers)",
-                 self.total_steps, self.loader.steps_per_epoch, self.dist.world_size,
-                 cfg.train.batch_size, self.loader.num_workers)
+        log.info(
+            "%d train steps (%d an epoch, %d ranks x %d users, %d loader workers)",
+            self.total_steps,
+            self.loader.steps_per_epoch,
+            self.dist.world_size,
+            cfg.train.batch_size,
+            self.loader.num_workers,
+        )
+
+    def _setup_data(self) -> None:
+        """Reads the manifest: vocabulary, validation shards, the training stream."""
+        cfg = self.cfg
+        manifest = load_manifest(cfg.data.shards)
+        self.num_items = int(manifest["num_items"])
+        self.val_urls = self._split_urls(manifest, "val")
+        train = manifest["splits"]["train"]
+        self.loader = TrainLoader(
+            shard_paths(cfg.data.shards, manifest, "train"),
+            num_users=int(train["users"]),
+            world_size=self.dist.world_size,
+            batch_size=cfg.train.batch_size,
+            bucket_buffer=cfg.train.bucket_buffer,
+            num_workers=cfg.train.num_workers,
+            seed=cfg.train.seed,
+        )
+        self.shard_sizes = {
+            str(Path(cfg.data.shards) / s["path"]): s["samples"]
+            for s in train["shards"]
+        }
+        self.total_steps = self.loader.steps_per_epoch * cfg.train.epochs
+        if cfg.train.max_steps:
+            self.total_steps = min(self.total_steps, cfg.train.max_steps)
 
     def _check_settings(self) -> None:
         """Raises ConfigError for settings this machine or backend cannot run."""
@@ -215,14 +249,17 @@ class Trainer:
         if train.amp == "fp16" and device.type != "cuda":
             raise ConfigError("--train.amp=fp16 needs CUDA; use bf16 or off on CPU")
         if train.sparse and device.type == "cuda" and self.dist.world_size > 1:
-            raise ConfigError("--train.sparse needs the gloo backend (DDP on CPU); "
-                              "NCCL cannot all-reduce sparse gradients")
+            raise ConfigError(
+                "--train.sparse needs the gloo backend (DDP on CPU); "
+                "NCCL cannot all-reduce sparse gradients"
+            )
 
     def _split_urls(self, manifest: dict[str, Any], split: str) -> list[str]:
         """Returns the shards of ``split``, or [] (with a warning) when it has none."""
         if not manifest["splits"].get(split, {}).get("users"):
-            log.warning("no %s users in %s: validation is skipped", split,
-                        self.cfg.data.shards)
+            log.warning(
+                "no %s users in %s: validation is skipped", split, self.cfg.data.shards
+            )
             return []
         return shard_paths(self.cfg.data.shards, manifest, split)
 
@@ -232,26 +269,37 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.raw_model = DreamModel(self.num_items, cfg.model, sparse=cfg.train.sparse)
         self.raw_model.to(self.dist.device)
-        self.optimizers: list[torch.optim.Optimizer] = [torch.optim.Adam(
-            self.raw_model.dense_parameters(), lr=cfg.train.lr,
-            weight_decay=cfg.train.weight_decay,
-        )]
+        self.optimizers: list[torch.optim.Optimizer] = [
+            torch.optim.Adam(
+                self.raw_model.dense_parameters(),
+                lr=cfg.train.lr,
+                weight_decay=cfg.train.weight_decay,
+            )
+        ]
         if self.raw_model.sparse_parameters():
             if cfg.train.weight_decay:
-                log.warning("--train.weight_decay is not applied to the sparse item "
-                            "table (SparseAdam has none)")
-            self.optimizers.append(torch.optim.SparseAdam(
-                self.raw_model.sparse_parameters(), lr=cfg.train.lr))
+                log.warning(
+                    "--train.weight_decay is not applied to the sparse item "
+                    "table (SparseAdam has none)"
+                )
+            self.optimizers.append(
+                torch.optim.SparseAdam(
+                    self.raw_model.sparse_parameters(), lr=cfg.train.lr
+                )
+            )
 
     def _wrap_ddp(self) -> None:
         """Wraps the model in DDP when there is more than one rank."""
         self.model: nn.Module = self.raw_model
         if self.dist.world_size > 1:
-            device_ids = [self.dist.local_rank] if self.dist.device.type == "cuda" else None
+            device_ids = (
+                [self.dist.local_rank] if self.dist.device.type == "cuda" else None
+            )
             self.model = DistributedDataParallel(self.raw_model, device_ids=device_ids)
 
     def _install_signal_handlers(self) -> None:
         """Makes SIGTERM, SIGUSR1 and Ctrl-C request a checkpoint and a clean exit."""
+
         def request_stop(signum: int, frame: Any) -> None:
             if signum == signal.SIGINT and self.stop_signal == signal.SIGINT:
                 raise KeyboardInterrupt  # a second Ctrl-C stops at once
@@ -271,16 +319,25 @@ class Trainer:
         self.position = self._restore_position(ckpt["loader"])
         self._restore_rng(ckpt["rng"])
         self.resumed_from = self.step
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step,
-                 self.position.epoch, self.position.step_in_epoch)
+        log.info(
+            "resumed from %s at step %d (epoch %d, batch %d)",
+            path,
+            self.step,
+            self.position.epoch,
+            self.position.step_in_epoch,
+        )
 
     def _restore_position(self, saved: dict[str, int]) -> LoaderPosition:
-        """Returns the saved loader position, warning when the stream's layout changed."""
+        """Returns the saved loader position; warns when the stream's layout changed."""
         layout = (saved["world_size"], saved["num_workers"])
         if layout != (self.dist.world_size, self.loader.num_workers):
-            log.warning("checkpoint streamed with %d ranks x %d workers, now %d x %d: "
-                        "the rest of the epoch is a different sample of users",
-                        *layout, self.dist.world_size, self.loader.num_workers)
+            log.warning(
+                "checkpoint streamed with %d ranks x %d workers, now %d x %d: "
+                "the rest of the epoch is a different sample of users",
+                *layout,
+                self.dist.world_size,
+                self.loader.num_workers,
+            )
         position = LoaderPosition(saved["epoch"], saved["step_in_epoch"])
         if position.step_in_epoch >= self.loader.steps_per_epoch:
             position = LoaderPosition(position.epoch + 1, 0)
@@ -289,8 +346,11 @@ class Trainer:
     def _restore_rng(self, states: list[dict[str, Any]]) -> None:
         """Restores this rank's random streams (reseeds when the world size changed)."""
         if len(states) != self.dist.world_size:
-            log.warning("checkpoint has random streams of %d ranks, now %d: reseeding",
-                        len(states), self.dist.world_size)
+            log.warning(
+                "checkpoint has random streams of %d ranks, now %d: reseeding",
+                len(states),
+                self.dist.world_size,
+            )
             torch.manual_seed(seed_for(self.cfg.train.seed, self.dist.rank, self.step))
             return
         state = states[self.dist.rank]
@@ -311,11 +371,15 @@ class Trainer:
             )
 
         # one tiny all-reduce: global loss, global pairs, and the stop flag
-        totals = torch.stack([
-            loss_sum.detach().double(), num_pairs.double(),
-            torch.tensor(float(self.stop_signal), device=loss_sum.device,
-                         dtype=torch.float64),
-        ])
+        totals = torch.stack(
+            [
+                loss_sum.detach().double(),
+                num_pairs.double(),
+                torch.tensor(
+                    float(self.stop_signal), device=loss_sum.device, dtype=torch.float64
+                ),
+            ]
+        )
         global_loss, global_pairs, stop = distributed.all_reduce_sum(totals).tolist()
         if not math.isfinite(global_loss):
             raise TrainingDiverged(
@@ -368,13 +432,18 @@ class Trainer:
         generator = torch.Generator(self.dist.device)
         generator.manual_seed(seed_for(self.cfg.train.seed, self.dist.rank, 3))
         sums, loss = [], torch.zeros(2, dtype=torch.float64)
-        batches = eval_batches(self.val_urls, self.dist.rank, self.dist.world_size,
-                               self.cfg.train.val_batch_size)
+        batches = eval_batches(
+            self.val_urls,
+            self.dist.rank,
+            self.dist.world_size,
+            self.cfg.train.val_batch_size,
+        )
         for batch, users in batches:
             batch = batch.to(self.dist.device, non_blocking=True)
             with autocast_for(self.dist.device, self.cfg.train.amp):
                 loss_sum, num_pairs = self.loss_fn(
-                    model, batch, generator, self.cfg.train.num_negatives)
+                    model, batch, generator, self.cfg.train.num_negatives
+                )
                 scores_BI = model.score(model.user_vectors(batch)).float()
             loss += torch.stack([loss_sum.double(), num_pairs.double()]).cpu()
             sums.append(self._metric_sums(scores_BI, batch, users, ks))
@@ -388,7 +457,10 @@ class Trainer:
         """Returns the metric sums of one validation batch."""
         topk_BK = top_k(scores_BI, max(ks))
         offsets = batch.target_offsets_B1.tolist()
-        targets = [batch.target_items_C[a:b].cpu() for a, b in zip(offsets, offsets[1:])]
+        targets = [
+            batch.target_items_C[a:b].cpu()
+            for a, b in zip(offsets[:-1], offsets[1:], strict=True)
+        ]
         histories = [u.items[: len(u.items) - int(u.sizes[-1])] for u in users]
         return metric_sums(topk_BK, targets, histories, ks)
 
@@ -400,8 +472,10 @@ class Trainer:
         loss = distributed.all_reduce_sum(loss.to(device)).cpu()
         sums_tensor = distributed.all_reduce_sum(sums_to_tensor(sums, ks).to(device))
         metrics = finalize(sums_from_tensor(sums_tensor.cpu(), ks))
-        out = {"val/loss": float(loss[0] / max(float(loss[1]), 1.0)),
-               "val/users": float(metrics["users"])}
+        out = {
+            "val/loss": float(loss[0] / max(float(loss[1]), 1.0)),
+            "val/users": float(metrics["users"]),
+        }
         for k in ks:
             out[f"val/recall@{k}"] = metrics[f"recall@{k}"]
             out[f"val/ndcg@{k}"] = metrics[f"ndcg@{k}"]
@@ -421,8 +495,9 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "step": self.step,
             "epoch": self.position.epoch,
-            "loader": self.position.state_dict(self.dist.world_size,
-                                               self.loader.num_workers),
+            "loader": self.position.state_dict(
+                self.dist.world_size, self.loader.num_workers
+            ),
             "rng": all_rng,
             "config": to_dict(self.cfg),
             "num_items": self.num_items,
@@ -436,8 +511,12 @@ class Trainer:
             save_atomic(state, self.ckpt_dir / "last.pt")
             if best:
                 save_atomic(state, self.ckpt_dir / "best.pt")
-            log.info("saved %s at step %d%s", self.ckpt_dir / "last.pt", self.step,
-                     " (best)" if best else "")
+            log.info(
+                "saved %s at step %d%s",
+                self.ckpt_dir / "last.pt",
+                self.step,
+                " (best)" if best else "",
+            )
         distributed.barrier()
 
     def validate_and_save(self) -> None:
@@ -448,9 +527,16 @@ class Trainer:
         if best:
             self.best_recall = recall
         if metrics:
-            self.tracker.log(self.step, {**metrics, "val/best_recall@10": self.best_recall})
-            log.info("validation at step %d: loss %.4f, recall@10 %.4f (best %.4f)",
-                     self.step, metrics["val/loss"], recall, self.best_recall)
+            self.tracker.log(
+                self.step, {**metrics, "val/best_recall@10": self.best_recall}
+            )
+            log.info(
+                "validation at step %d: loss %.4f, recall@10 %.4f (best %.4f)",
+                self.step,
+                metrics["val/loss"],
+                recall,
+                self.best_recall,
+            )
         self.save(best=best)
 
     # ------------------------------------------------------------------- fit
@@ -460,8 +546,11 @@ class Trainer:
         while self.step < self.total_steps:
             if self._run_epoch():
                 name = signal.Signals(self.stop_signal or signal.SIGTERM).name
-                log.warning("stop requested (%s) at step %d: checkpoint saved, exiting",
-                            name, self.step)
+                log.warning(
+                    "stop requested (%s) at step %d: checkpoint saved, exiting",
+                    name,
+                    self.step,
+                )
                 return 0
             if self.position.step_in_epoch >= self.loader.steps_per_epoch:
                 self.position = LoaderPosition(self.position.epoch + 1, 0)
@@ -471,40 +560,50 @@ class Trainer:
         return 0
 
     def _run_epoch(self) -> bool:
-        """Trains to the end of the epoch or max_steps; returns True on a stop request."""
+        """Trains to the epoch's end or max_steps; returns True on a stop request."""
         cfg, position = self.cfg, self.position
         if position.step_in_epoch == 0 and self.dist.is_main:
             log.info(self.loader.coverage(self.shard_sizes, 0, position.epoch))
         interval = Interval()
         batches = self.loader.epoch(position.epoch, position.step_in_epoch)
-        while self.step < self.total_steps:
-            wait_start = time.perf_counter()
-            batch = next(batches, None)
-            if batch is None:
-                return False
-            interval.data_s += time.perf_counter() - wait_start
-            loss_sum, num_pairs = self.train_step(batch)
-            interval.loss_sum += loss_sum
-            interval.num_pairs += num_pairs
-            interval.num_steps += 1
-            if self.step % cfg.logging.log_every == 0:
-                self._log_interval(interval)
-                interval = Interval()
-            if cfg.train.val_every and self.step % cfg.train.val_every == 0:
-                self.validate_and_save()
-            if self.stop_requested or self._hold():
-                self.save()
-                return True
-        return False
+        try:
+            while self.step < self.total_steps:
+                wait_start = time.perf_counter()
+                batch = next(batches, None)
+                if batch is None:
+                    return False
+                interval.data_s += time.perf_counter() - wait_start
+                self._account(interval, *self.train_step(batch))
+                if self.step % cfg.logging.log_every == 0:
+                    self._log_interval(interval)
+                    interval = Interval()
+                if cfg.train.val_every and self.step % cfg.train.val_every == 0:
+                    self.validate_and_save()
+                if self.stop_requested or self._hold():
+                    self.save()
+                    return True
+            return False
+        finally:
+            batches.close()  # shuts the loader workers down now, also on errors
+
+    @staticmethod
+    def _account(interval: Interval, loss_sum: float, num_pairs: float) -> None:
+        """Adds one step's global sums to the log interval."""
+        interval.loss_sum += loss_sum
+        interval.num_pairs += num_pairs
+        interval.num_steps += 1
 
     def _log_interval(self, interval: Interval) -> None:
         """Logs the interval's loss, gradient norm, update ratio, speed and memory."""
         if not self.dist.is_main:
             return
         elapsed = time.perf_counter() - interval.start
-        num_users = interval.num_steps * self.cfg.train.batch_size * self.dist.world_size
-        param_norm = math.sqrt(sum(float(p.detach().norm()) ** 2
-                                   for p in self.raw_model.parameters()))
+        num_users = (
+            interval.num_steps * self.cfg.train.batch_size * self.dist.world_size
+        )
+        param_norm = math.sqrt(
+            sum(float(p.detach().norm()) ** 2 for p in self.raw_model.parameters())
+        )
         metrics = {
             "train/loss": interval.loss_sum / max(interval.num_pairs, 1.0),
             "train/grad_norm": self.grad_norm,
@@ -527,8 +626,10 @@ class Trainer:
             return False
         hold_file = self.run_dir / "HOLD"
         while True:
-            flags = torch.tensor([float(self.stop_signal), float(hold_file.exists())],
-                                 device=self.dist.device)
+            flags = torch.tensor(
+                [float(self.stop_signal), float(hold_file.exists())],
+                device=self.dist.device,
+            )
             stop, holding = distributed.all_reduce_max(flags).tolist()
             if stop or not holding:
                 return bool(stop)
@@ -551,11 +652,23 @@ class Trainer:
         summary_dir = self.run_dir / "ranks"
         summary_dir.mkdir(parents=True, exist_ok=True)
         summary = {
-            "rank": self.dist.rank, "world_size": self.dist.world_size,
-            "steps_taken": self.steps_taken, "step": self.step,
-            "epoch": self.position.epoch, "resumed_from": self.resumed_from,
+            "rank": self.dist.rank,
+            "world_size": self.dist.world_size,
+            "steps_taken": self.steps_taken,
+            "step": self.step,
+            "epoch": self.position.epoch,
+            "resumed_from": self.resumed_from,
             "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)),
         }
         path = summary_dir / f"rank-{self.dist.rank}.json"
         path.write_text(json.dumps(summary) + "\n")
+        _end_loader_workers()
         distributed.close()
+
+
+def _end_loader_workers() -> None:
+    """Kills loader workers an error left behind (they ignore SIGTERM, see
+    ``dream_dist.data.stream``), so the process can exit."""
+    for child in multiprocessing.active_children():
+        child.kill()
+        child.join(timeout=5)

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by the launch/ scripts (sourced, not run).
 
 # default_nproc: prints the number of GPUs nvidia-smi lists, or 1 without any.

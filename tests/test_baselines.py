@@ -11,7 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from dream_dist import baselines
 from dream_dist.baselines import (
     Baskets,
     TifuKnn,
@@ -76,7 +78,7 @@ def test_tifu_weights_follow_the_grouping():
 
 
 def test_tifu_knn_mixes_the_user_with_the_nearest_neighbour():
-    """Pool: {1} and {2, 3}; the user {2} is nearer the second (c against c * 2**0.5)."""
+    """Pool {1} and {2, 3}: the user {2} is nearer the second (c, not c * 2**0.5)."""
     cfg = EvalConfig(tifu_k=1, tifu_alpha=0.7)
     tifu = TifuKnn(_baskets([[1]], [[2, 3]]), num_items=4, cfg=cfg)
     user = _baskets([[2]])
@@ -84,6 +86,29 @@ def test_tifu_knn_mixes_the_user_with_the_nearest_neighbour():
     unit = 0.7**6
     assert scores.tolist() == pytest.approx([0, 0, unit, 0.3 * unit, 0])
     assert tifu(user, 4).tolist() == [[2, 3, 0, 0]]
+
+
+def test_tifu_knn_lists_do_not_depend_on_how_users_are_grouped(monkeypatch):
+    """Random users scored at once, then one at a time (a tiny memory bound)."""
+    rng = np.random.default_rng(0)
+
+    def random_users(n: int) -> Baskets:
+        return _baskets(
+            *[
+                [
+                    rng.choice(np.arange(1, 31), 3, replace=False).tolist()
+                    for _ in range(rng.integers(1, 10))
+                ]
+                for _ in range(n)
+            ]
+        )
+
+    tifu = TifuKnn(random_users(40), num_items=30, cfg=EvalConfig(tifu_k=5))
+    users = random_users(12)
+    together = tifu(users, 8)
+    monkeypatch.setattr(baselines, "MAX_POOL_ENTRIES", 40)
+    assert torch.equal(tifu(users, 8), together)
+    assert (together[:, 0] > 0).all()
 
 
 def _tafeng_users(history: dict, users: list[str]) -> list[UserSequence]:

@@ -10,6 +10,7 @@ checkpoint in the trainer's format. The sharded test starts two processes with
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -26,6 +27,7 @@ from dream_dist.config import Config, DataConfig, ModelConfig, to_dict
 from dream_dist.data.batching import collate
 from dream_dist.data.shards import UserSequence
 from dream_dist.errors import InputError
+from dream_dist.evaluate import TABLE_COLUMNS, format_table
 from dream_dist.metrics import top_k
 from dream_dist.model import DreamModel
 from dream_dist.prepare import prepare
@@ -100,8 +102,8 @@ def _flags(shards: Path, out: Path, checkpoint: Path | str) -> list[str]:
     ]
 
 
-def _run(args: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def _run(args: list[str], **env_vars: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env_vars}
     return subprocess.run(
         [sys.executable, *args], capture_output=True, text=True, env=env, timeout=300
     )
@@ -109,9 +111,11 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_two_ranks_give_exactly_the_figures_of_one(shards, checkpoint, table, tmp_path):
-    """One process, then torchrun with two: metrics.json and topk.parquet equal."""
+    """One process (W&B offline), then torchrun with two: metrics.json and
+    topk.parquet equal."""
+    flags = [*_flags(shards, tmp_path / "one", checkpoint), "--logging.wandb=offline"]
     one = _run(
-        ["-m", "dream_dist.evaluate", *_flags(shards, tmp_path / "one", checkpoint)]
+        ["-m", "dream_dist.evaluate", *flags], WANDB_MODE="offline", WANDB_SILENT="true"
     )
     assert one.returncode == 0, one.stderr
     two = _run(
@@ -141,6 +145,12 @@ def test_two_ranks_give_exactly_the_figures_of_one(shards, checkpoint, table, tm
     assert {m["users"] for m in metrics.values()} == {
         manifest["splits"]["test"]["users"]
     }
+
+    # the figures W&B received (its offline run files have no public reader)
+    logged = json.loads((tmp_path / "one" / "metrics.jsonl").read_text())
+    assert logged["eval/dream/recall@10"] == metrics["dream"]["recall@10"]
+    assert list((tmp_path / "one" / "wandb").glob("offline-run-*"))
+    assert not (tmp_path / "two" / "wandb").exists()
 
     lists = pl.read_parquet(tmp_path / "one" / "topk.parquet")
     assert lists.equals(pl.read_parquet(tmp_path / "two" / "topk.parquet"))
@@ -242,3 +252,11 @@ def test_recommend_for_listed_users_and_unknown_ids(shards, checkpoint, tmp_path
     users.write_text("7003\n123\n")
     with pytest.raises(InputError, match=r"users.txt: line 2: unknown user id '123'"):
         _recommend(shards, tmp_path / "bad", checkpoint, f"--eval.users={users}")
+
+
+def test_table_reads_metrics_json_with_empty_breakdowns():
+    """metrics.json stores a metric over no users as null; the table shows '-'."""
+    values = {"recall@10": 0.12345, "recall_rep@10": None, "phr_rep@10": math.nan}
+    lines = format_table({"p_topfreq": values}, [10]).splitlines()
+    assert lines[0].split() == ["@10", *TABLE_COLUMNS]
+    assert lines[2].split() == ["p_topfreq", "0.1235", "-", "-", "-", "-", "-", "-"]

@@ -242,7 +242,8 @@ def test_bf16_autocast_on_cpu_runs_forward_and_backward(rnn_type):
     assert all(torch.isfinite(g).all() for g in grads)
 
 
-def test_ddp_gradients_equal_the_plain_model(tmp_path):
+@pytest.mark.parametrize("sparse", [False, True])
+def test_ddp_gradients_equal_the_plain_model(tmp_path, sparse):
     """A one-rank gloo group: DDP(model)(batch, pairs) gives the plain gradients."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
@@ -251,13 +252,14 @@ def test_ddp_gradients_equal_the_plain_model(tmp_path):
         "gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1
     )
     try:
-        plain, wrapped = _model(20), DistributedDataParallel(_model(20))
+        plain = _model(20, sparse=sparse)
+        wrapped = DistributedDataParallel(_model(20, sparse=sparse))
         batch = collate(USERS)
         for model in (plain, wrapped):
             loss_sum, _ = bpr_loss(model, batch, torch.Generator().manual_seed(4), 2)
             loss_sum.backward()
         for p, q in zip(plain.parameters(), wrapped.module.parameters(), strict=True):
-            torch.testing.assert_close(p.grad, q.grad)
+            torch.testing.assert_close(p.grad.to_dense(), q.grad.to_dense())
     finally:
         dist.destroy_process_group()
 

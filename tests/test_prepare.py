@@ -17,7 +17,7 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from dream_dist.config import Config, ConfigError
+from dream_dist.config import Config, ConfigError, parse_config
 from dream_dist.data.shards import iter_users, load_manifest, shard_paths
 from dream_dist.prepare import prepare
 
@@ -140,6 +140,65 @@ def _dropped(manifest: dict, unit: str) -> int:
     return sum(n for key, n in manifest["dropped"].items() if key.endswith(f"_{unit}"))
 
 
+# the same two users in each format: user 1 buys [10, 20], [20], [30, 10]; user 2
+# buys [20], [10, 40]; Instacart's order ids run against order_number, and one line
+# names an order that orders.csv lacks
+SAME_BASKETS = {
+    "instacart": {
+        "orders.csv": "order_id,user_id,eval_set,order_number\n"
+        "13,1,prior,1\n11,1,prior,2\n12,1,train,3\n21,2,prior,1\n22,2,train,2\n"
+        "23,2,test,3\n",
+        "order_products__prior.csv": "order_id,product_id,add_to_cart_order,reordered\n"
+        "13,10,1,0\n13,20,2,0\n11,20,1,1\n21,20,1,0\n99,10,1,0\n",
+        "order_products__train.csv": "order_id,product_id,add_to_cart_order,reordered\n"
+        "12,30,1,0\n12,10,2,1\n22,10,1,0\n22,40,2,0\n",
+        "products.csv": "product_id,product_name\n10,a\n20,b\n30,c\n40,d\n",
+    },
+    "realitycheck": {
+        "x_history.json": json.dumps({"1": [[-1], [10, 20], [20], [-1]],
+                                      "2": [[-1], [20], [-1]]}),
+        "x_future.json": json.dumps({"1": [[-1], [30, 10], [-1]],
+                                     "2": [[-1], [10, 40], [-1]]}),
+    },
+    "table": {
+        "t.parquet": pl.DataFrame({"user_id": [1, 1, 1, 1, 1, 2, 2, 2],
+                                   "basket_id": [1, 1, 2, 3, 3, 1, 2, 2],
+                                   "item_id": [10, 20, 20, 30, 10, 20, 10, 40]}),
+    },
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("fmt", sorted(SAME_BASKETS))
+def test_every_format_gives_the_same_sequences(tmp_path: Path, fmt: str) -> None:
+    for name, content in SAME_BASKETS[fmt].items():
+        if isinstance(content, pl.DataFrame):
+            content.write_parquet(tmp_path / name)
+        else:
+            (tmp_path / name).write_text(content)
+    cfg = Config()
+    cfg.data.format, cfg.data.shards = fmt, str(tmp_path / "out")
+    cfg.data.input = str(tmp_path / "t.parquet" if fmt == "table" else tmp_path)
+    manifest = prepare(cfg.data)
+
+    rows = read_back(Path(cfg.data.shards)).drop("reordered")
+    expected = expected_rows(
+        [
+            ("train", 0, "1", 0, 1, 0), ("train", 0, "1", 0, 2, 0),
+            ("train", 0, "1", 1, 2, 0), ("train", 0, "1", 2, 1, 0),
+            ("train", 0, "1", 2, 3, 0),
+            ("train", 1, "2", 0, 2, 0), ("train", 1, "2", 1, 1, 0),
+            ("train", 1, "2", 1, 4, 0),
+        ]
+    ).drop("reordered")  # fmt: skip
+    assert_frame_equal(rows, expected)
+    assert manifest["has_reordered"] == (fmt == "instacart")
+    assert manifest["input_rows"] == (9 if fmt == "instacart" else 8)
+    if fmt == "instacart":
+        assert manifest["dropped"]["unknown_order_rows"] == 1
+        flags = read_back(Path(cfg.data.shards))["reordered"].to_list()
+        assert flags == [0, 0, 1, 1, 0, 0, 0, 0]
+
+
 def test_split_last_layout(tmp_path: Path) -> None:
     """split=last: train = baskets[:-2], val = baskets[:-1], test = all, every user."""
     long_table = "user_id,basket_id,item_id\n" + "".join(
@@ -215,13 +274,13 @@ def test_parallel_writers_write_the_same_bytes(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not TAFENG.is_dir(), reason=f"TaFeng data not found at {TAFENG}")
-def test_tafeng_keyset_0(tmp_path: Path) -> None:
-    """Prepares the real TaFeng files with two writer processes."""
-    cfg = Config()
-    cfg.data.num_workers = 2
-    cfg.data.format, cfg.data.input = "realitycheck", str(TAFENG)
-    cfg.data.keyset = str(TAFENG / "keyset_0.json")
-    cfg.data.shards = str(tmp_path / "tafeng")
+def test_tafeng_keyset_0(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prepares the real TaFeng files with the shipped config, two writer processes."""
+    monkeypatch.chdir(REPO)  # the config's paths are relative to the repository
+    cfg = parse_config(
+        ["--config", "configs/tafeng.toml", f"--data.shards={tmp_path / 'tafeng'}",
+         "--data.num_workers=2"]
+    )  # fmt: skip
     manifest = prepare(cfg.data)
 
     splits = manifest["splits"]

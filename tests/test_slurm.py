@@ -24,8 +24,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 from _tiny_shards import write_shards
@@ -38,7 +39,6 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 PROGRAMS = ["slurmctld", "slurmd", "sbatch", "srun", "scontrol", "munged"]
 NODES = ["n1", "n2"]
-Done = subprocess.CompletedProcess
 
 
 def _skip_reason() -> str | None:
@@ -141,9 +141,10 @@ class LocalCluster:
         self.conf = root / "slurm.conf"
         self.env = dict(os.environ, SLURM_CONF=str(self.conf))
         self.processes: dict[str, subprocess.Popen] = {}
+        self._log_files: list[IO[str]] = []
 
     def start(self) -> None:
-        """Starts every daemon; raises RuntimeError if the nodes never come up."""
+        """Starts every daemon; raises TimeoutError if the nodes never come up idle."""
         for sub in ("state", "log", "spool/n1", "spool/n2", "munge"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         munge_socket = self._start_munged()
@@ -182,6 +183,7 @@ class LocalCluster:
 
     def _spawn(self, name: str, command: list[str], user: str | None = None) -> None:
         log = open(self.root / "log" / f"{name}.out", "w")  # noqa: SIM115
+        self._log_files.append(log)
         as_user = {"user": user, "group": user, "extra_groups": []} if user else {}
         self.processes[name] = subprocess.Popen(
             command, env=self.env, stdout=log, stderr=log, **as_user
@@ -226,6 +228,8 @@ class LocalCluster:
                 _end(process, grace_s=20)
         if "munged" in self.processes:
             _end(self.processes["munged"], grace_s=0)
+        for log in self._log_files:
+            log.close()
 
 
 def _end(process: subprocess.Popen, grace_s: float) -> None:
@@ -242,7 +246,12 @@ def _end(process: subprocess.Popen, grace_s: float) -> None:
         process.wait()
 
 
-def _wait_until(ready, timeout_s: float, what: str, details=lambda: "") -> None:
+def _wait_until(
+    ready: Callable[[], bool],
+    timeout_s: float,
+    what: str,
+    details: Callable[[], str] = lambda: "",
+) -> None:
     """Returns once ``ready()`` is true; raises TimeoutError after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while not ready():
@@ -253,6 +262,7 @@ def _wait_until(ready, timeout_s: float, what: str, details=lambda: "") -> None:
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[LocalCluster]:
+    """Yields a running two-node cluster; stops every daemon it started."""
     reason = _skip_reason()
     if reason:
         pytest.skip(reason)

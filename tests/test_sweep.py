@@ -133,7 +133,7 @@ def test_trainer_runs_the_agents_argv(tmp_path: Path):
     config = _load(path)
     params = _propose(config)
     values = {name: spec["value"] for name, spec in params.items()}
-    run_dir = tmp_path / "run"
+    run_dir = tmp_path / "runs"
 
     # the agent's argv, then tiny data and a few steps (none of them swept)
     shards = write_shards(tmp_path / "shards")
@@ -162,6 +162,9 @@ def test_trainer_runs_the_agents_argv(tmp_path: Path):
         argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-3000:]
+
+    # a run of a sweep agent gets a folder of its own, named by its run id
+    run_dir = run_dir / "run123"
 
     # the resolved config holds the proposed values, on both ranks
     resolved = to_dict(parse_config(["--config", str(run_dir / "config.toml")]))

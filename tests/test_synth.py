@@ -15,7 +15,7 @@ import polars as pl
 import pytest
 
 from dream_dist.errors import InputError
-from dream_dist.synth import CSV_FILES, SynthParams, generate, main
+from dream_dist.synth import CSV_FILES, SynthData, SynthParams, generate, main
 
 NUM_USERS = 1500
 
@@ -146,7 +146,9 @@ def test_reordered_matches_history(lines: pl.DataFrame) -> None:
     assert flags["expected"].sum() > 0
 
 
-def _next_basket_recalls(data, num_items: int, k: int = 10) -> tuple[float, float]:
+def _next_basket_recalls(
+    data: SynthData, num_items: int, k: int = 10
+) -> tuple[float, float]:
     """Returns recall@k of (popularity, fitted transitions) on held-out users.
 
     Transitions P(b in basket t+1 | a in basket t), a != b, are counted on even users;

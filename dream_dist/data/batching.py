@@ -178,56 +178,80 @@ def _check(seqs: list[UserSequence], num_baskets: np.ndarray, drop: bool) -> Non
         )
 
 
-def collate(seqs: list[UserSequence], drop_last_basket: bool = False) -> Batch:
-    """Returns the Batch of ``seqs`` (see the module docstring for every field).
+@dataclass
+class _Flat:
+    """Every basket of a batch's users, flat, target baskets included."""
 
-    Raises InputError if a user has no input basket or an item index below 1.
-    """
-    num_baskets = np.fromiter((s.num_baskets for s in seqs), np.int64, len(seqs))
-    _check(seqs, num_baskets, drop_last_basket)
-    num_users = len(seqs)
+    items: np.ndarray
+    """Item of every purchase (int64)."""
+    sizes: np.ndarray
+    """Size of every basket."""
+    basket_user: np.ndarray
+    """User (0..B-1) of every basket."""
+    basket_time: np.ndarray
+    """Position t of every basket in its user's sequence."""
+    item_basket: np.ndarray
+    """Basket of every purchase."""
 
-    # flat items and baskets of every user, target baskets included
-    items = np.concatenate([s.items for s in seqs]).astype(np.int64)
-    sizes = np.concatenate([s.sizes for s in seqs]).astype(np.int64)
-    if items.size and items.min() < 1:
-        bad = int(
-            np.repeat(np.arange(num_users), num_baskets)[
-                np.repeat(np.arange(len(sizes)), sizes)[np.argmax(items < 1)]
-            ]
-        )
-        raise InputError(f"user {seqs[bad].user_id}: item index below 1 (0 is padding)")
-    basket_user = np.repeat(np.arange(num_users), num_baskets)
-    basket_time = np.arange(len(sizes)) - np.repeat(_starts(num_baskets), num_baskets)
-    basket_start = _starts(sizes)
-    item_basket = np.repeat(np.arange(len(sizes)), sizes)
+    @classmethod
+    def of(cls, seqs: list[UserSequence], num_baskets: np.ndarray) -> _Flat:
+        """Returns the flat view; raises InputError on an item index below 1."""
+        items = np.concatenate([s.items for s in seqs]).astype(np.int64)
+        sizes = np.concatenate([s.sizes for s in seqs]).astype(np.int64)
+        basket_user = np.repeat(np.arange(len(seqs)), num_baskets)
+        basket_time = np.arange(len(sizes)) - _starts(num_baskets)[basket_user]
+        item_basket = np.repeat(np.arange(len(sizes)), sizes)
+        flat = cls(items, sizes, basket_user, basket_time, item_basket)
+        if items.size and items.min() < 1:
+            user = flat.basket_user[flat.item_basket[np.argmax(items < 1)]]
+            raise InputError(
+                f"user {seqs[user].user_id}: item index below 1 (0 is padding)"
+            )
+        return flat
 
-    # input baskets and their place in the B x T grid
-    lengths = num_baskets - int(drop_last_basket)
-    is_input = basket_time < lengths[basket_user]
-    max_baskets = int(lengths.max())
-    input_sizes = sizes[is_input]
-    items_M = items[is_input[item_basket]]
-    slot_K = (basket_user * max_baskets + basket_time)[is_input]
 
-    # steps: hidden state t of a user predicts basket t+1
-    is_next = basket_time >= 1
-    num_steps = int(is_next.sum())
+def _input_fields(flat: _Flat, is_input: np.ndarray, max_baskets: int) -> dict:
+    """Returns the EmbeddingBag input and the grid placement of the input baskets."""
+    slot = flat.basket_user * max_baskets + flat.basket_time
+    return {
+        "items_M": flat.items[is_input[flat.item_basket]],
+        "offsets_K": _starts(flat.sizes[is_input]),
+        "slot_K": slot[is_input],
+    }
+
+
+def _step_fields(flat: _Flat, max_baskets: int) -> dict:
+    """Returns the steps (hidden state t, basket t+1) and their positives."""
+    is_next = flat.basket_time >= 1
     step_of_basket = np.cumsum(is_next) - 1
-    step_user = basket_user[is_next]
-    step_slot = step_user * max_baskets + basket_time[is_next] - 1
-    is_pos = is_next[item_basket]
-    pos_items = items[is_pos]
-    pos_step = step_of_basket[item_basket[is_pos]]
+    step_user = flat.basket_user[is_next]
+    is_pos = is_next[flat.item_basket]
+    pos_step = step_of_basket[flat.item_basket[is_pos]]
+    pos_items = flat.items[is_pos]
+    num_steps = int(is_next.sum())
+    keys, starts, counts = _packed_rank_keys(pos_step, pos_items, num_steps)
+    return {
+        "step_slot_G": step_user * max_baskets + flat.basket_time[is_next] - 1,
+        "step_user_G": step_user,
+        "pos_items_P": pos_items,
+        "pos_step_P": pos_step,
+        "excl_keys_X": keys,
+        "excl_start_G": starts,
+        "excl_count_G": counts,
+    }
+
+
+def _history_fields(seqs: list[UserSequence], flat: _Flat, steps: dict) -> dict:
+    """Returns each user's first-purchase history, reorder flags and repeat keys."""
+    num_users = len(seqs)
+    item_user = flat.basket_user[flat.item_basket]
+    item_time = flat.basket_time[flat.item_basket]
 
     # each user's distinct items in order of first purchase
-    item_user = basket_user[item_basket]
-    item_time = basket_time[item_basket]
-    user_item = item_user * (int(items.max()) + 1) + items
+    user_item = item_user * (int(flat.items.max()) + 1) + flat.items
     _, first, inverse = np.unique(user_item, return_index=True, return_inverse=True)
     order = np.argsort(first)
     first_sorted = first[order]
-    history_items = items[first_sorted]
     history_start = np.searchsorted(item_user[first_sorted], np.arange(num_users))
     position = np.empty_like(order)
     position[order] = np.arange(len(order))
@@ -235,59 +259,69 @@ def collate(seqs: list[UserSequence], drop_last_basket: bool = False) -> Batch:
     is_repeat = item_time[first[inverse]] < item_time
 
     # reordered flags: the input's where present, else bought before
+    is_pos = item_time >= 1
     if all(s.reordered is not None for s in seqs):
         flags = np.concatenate([s.reordered for s in seqs]).astype(bool)
-        pos_reordered = flags[is_pos]
     else:
-        pos_reordered = is_repeat[is_pos]
+        flags = is_repeat
 
-    # what negatives must avoid: positives (plain), repeated items (reorder)
-    excl_keys, excl_start, excl_count = _packed_rank_keys(
-        pos_step, pos_items, num_steps
-    )
+    # history positions of basket t+1's repeats; distinct items up to basket t
     is_rep = is_pos & is_repeat
-    repeat_keys, repeat_start, repeat_count = _packed_rank_keys(
-        step_of_basket[item_basket[is_rep]], item_position[is_rep], num_steps
+    step_of_item = np.cumsum(flat.basket_time >= 1)[flat.item_basket] - 1
+    num_steps = len(steps["step_user_G"])
+    keys, starts, counts = _packed_rank_keys(
+        step_of_item[is_rep], item_position[is_rep], num_steps
     )
-    first_before_next = np.searchsorted(first_sorted, basket_start[is_next])
-    prior_count = first_before_next - history_start[step_user]
-
-    # targets: the last basket, when it is not input
-    if drop_last_basket:
-        is_target = ~is_input[item_basket]
-        target_items = items[is_target]
-        target_sizes = sizes[~is_input]
-    else:
-        target_items = np.zeros(0, np.int64)
-        target_sizes = np.zeros(num_users, np.int64)
-    target_offsets = np.concatenate([[0], np.cumsum(target_sizes)])
-
-    t = torch.from_numpy
-    return Batch(
-        items_M=t(items_M),
-        offsets_K=t(_starts(input_sizes)),
-        slot_K=t(slot_K),
-        lengths_B=t(lengths),
-        users_B=t(np.fromiter((s.user for s in seqs), np.int64, num_users)),
-        step_slot_G=t(step_slot),
-        step_user_G=t(step_user),
-        pos_items_P=t(pos_items),
-        pos_step_P=t(pos_step),
-        pos_reordered_P=t(pos_reordered),
-        excl_keys_X=t(excl_keys),
-        excl_start_G=t(excl_start),
-        excl_count_G=t(excl_count),
-        history_items_H=t(history_items),
-        history_start_B=t(history_start),
-        prior_count_G=t(prior_count),
-        repeat_keys_R=t(repeat_keys),
-        repeat_start_G=t(repeat_start),
-        repeat_count_G=t(repeat_count),
-        target_items_C=t(target_items),
-        target_offsets_B1=t(target_offsets),
-        num_users=num_users,
-        max_baskets=max_baskets,
+    next_start = _starts(flat.sizes)[flat.basket_time >= 1]
+    prior_count = (
+        np.searchsorted(first_sorted, next_start) - history_start[steps["step_user_G"]]
     )
+    return {
+        "pos_reordered_P": flags[is_pos],
+        "history_items_H": flat.items[first_sorted],
+        "history_start_B": history_start,
+        "prior_count_G": prior_count,
+        "repeat_keys_R": keys,
+        "repeat_start_G": starts,
+        "repeat_count_G": counts,
+    }
+
+
+def _target_fields(flat: _Flat, is_input: np.ndarray, num_users: int) -> dict:
+    """Returns the items of each user's baskets that are not input (the targets)."""
+    target_sizes = np.bincount(
+        flat.basket_user[~is_input], weights=flat.sizes[~is_input], minlength=num_users
+    ).astype(np.int64)
+    return {
+        "target_items_C": flat.items[~is_input[flat.item_basket]],
+        "target_offsets_B1": np.concatenate([[0], np.cumsum(target_sizes)]),
+    }
+
+
+def collate(seqs: list[UserSequence], drop_last_basket: bool = False) -> Batch:
+    """Returns the Batch of ``seqs`` (see the module docstring for every field).
+
+    Raises InputError if a user has no input basket or an item index below 1.
+    """
+    num_baskets = np.fromiter((s.num_baskets for s in seqs), np.int64, len(seqs))
+    _check(seqs, num_baskets, drop_last_basket)
+    flat = _Flat.of(seqs, num_baskets)
+
+    # input baskets: all, or all but each user's last
+    lengths = num_baskets - int(drop_last_basket)
+    is_input = flat.basket_time < lengths[flat.basket_user]
+    max_baskets = int(lengths.max())
+
+    arrays = {
+        "lengths_B": lengths,
+        "users_B": np.fromiter((s.user for s in seqs), np.int64, len(seqs)),
+        **_input_fields(flat, is_input, max_baskets),
+        **_step_fields(flat, max_baskets),
+        **_target_fields(flat, is_input, len(seqs)),
+    }
+    arrays.update(_history_fields(seqs, flat, arrays))
+    tensors = {name: torch.from_numpy(array) for name, array in arrays.items()}
+    return Batch(**tensors, num_users=len(seqs), max_baskets=max_baskets)
 
 
 def length_buckets(

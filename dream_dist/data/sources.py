@@ -276,6 +276,7 @@ def read_instacart(folder: Path) -> Source:
     _require_unique(orders_path, orders, ["order_id"])
     _require_unique(orders_path, orders, ["user_id", "order_number"])
     products = read_csv(folder / "products.csv", ["product_id"])
+    _require_rows(folder / "products.csv", products)
     parts = [
         read_csv(folder / name, ["order_id", "product_id"], ["reordered"])
         for name in INSTACART_LINES
@@ -286,6 +287,8 @@ def read_instacart(folder: Path) -> Source:
     # eager: each step's row count is reported as dropped
     known = attach_orders(lines, orders)
     on_sale = known.filter(pl.col("product_id").is_in(products["product_id"].implode()))
+    if on_sale.height == 0:
+        raise InputError(f"{folder}: no order line has a known order and product")
     frame = on_sale.select(
         "user_id",
         pl.col("order_number").alias("basket"),

@@ -16,8 +16,12 @@ How an epoch's stream is built (``TrainLoader.epoch``):
 4. a buffer of ``bucket_buffer`` users is sorted by length, cut into batches of
    ``batch_size`` and the batch order shuffled (``batching.length_buckets``);
 5. the DataLoader takes batches from its workers in turn, and the epoch stops
-   after ``steps_per_epoch`` batches. The first pass of a rank's shards covers
-   about as many users as the epoch needs; the surplus or shortfall is logged.
+   after ``steps_per_epoch`` batches.
+
+NOTE: every worker gives the same number of batches, so when shards do not divide
+evenly over ranks x workers, a worker with fewer users repeats some of them in an
+epoch while one with more leaves some unread until a later epoch (shards move
+between ranks every epoch). Rank 0 logs its share against the users an epoch takes.
 
 The stream is a pure function of (seed, epoch, rank, world_size, num_workers), so
 a loader position (epoch, step within the epoch) is restored exactly by
@@ -55,8 +59,12 @@ class LoaderPosition:
 
     def state_dict(self, world_size: int, num_workers: int) -> dict[str, int]:
         """Returns the position and the layout it depends on (for checkpoints)."""
-        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-                "world_size": world_size, "num_workers": num_workers}
+        return {
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "world_size": world_size,
+            "num_workers": num_workers,
+        }
 
 
 def steps_per_epoch(num_users: int, world_size: int, batch_size: int) -> int:
@@ -83,8 +91,13 @@ def usable_workers(num_shards: int, world_size: int, num_workers: int) -> int:
         )
     usable = min(num_workers, num_shards // world_size)
     if usable < num_workers:
-        log.warning("--train.num_workers=%d reduced to %d: %d shards over %d ranks",
-                    num_workers, usable, num_shards, world_size)
+        log.warning(
+            "--train.num_workers=%d reduced to %d: %d shards over %d ranks",
+            num_workers,
+            usable,
+            num_shards,
+            world_size,
+        )
     return usable
 
 
@@ -95,7 +108,7 @@ def shard_order(urls: list[str], seed: int, epoch: int) -> list[str]:
 
 
 def worker_skip(num_skipped: int, worker: int, num_workers: int) -> int:
-    """Returns how many of the first ``num_skipped`` loader batches come from ``worker``.
+    """Returns how many of the first ``num_skipped`` batches come from ``worker``.
 
     The DataLoader takes batches from its workers in turn (worker k % num_workers
     gives batch k) because no worker's stream ever ends.
@@ -199,8 +212,11 @@ class TrainLoader:
             functools.partial(_split_by_worker, start=start),
         ]
         if repeat:
-            stages.append(functools.partial(
-                _repeat_shards, seed=self.seed, epoch=epoch, start=start))
+            stages.append(
+                functools.partial(
+                    _repeat_shards, seed=self.seed, epoch=epoch, start=start
+                )
+            )
         return [*stages, wds.tarfile_to_samples(), wds.map(decode_sample)]
 
     def first_pass(self, epoch: int) -> wds.DataPipeline:
@@ -210,8 +226,12 @@ class TrainLoader:
     def pipeline(self, epoch: int, start: int = 0) -> wds.DataPipeline:
         """Returns the epoch's endless batch pipeline, without its first ``start``."""
         bucket = functools.partial(
-            _bucket, batch_size=self.batch_size, buffer_size=self.buffer_size,
-            seed=self.seed, epoch=epoch, num_skipped=start,
+            _bucket,
+            batch_size=self.batch_size,
+            buffer_size=self.buffer_size,
+            seed=self.seed,
+            epoch=epoch,
+            num_skipped=start,
         )
         return wds.DataPipeline(
             *self._user_stages(epoch, start, repeat=True),
@@ -226,7 +246,9 @@ class TrainLoader:
         # NOTE: an own generator keeps the DataLoader from drawing its base seed
         # from the global torch stream, which dropout uses (exact resume needs it)
         loader = wds.WebLoader(
-            self.pipeline(epoch, start), batch_size=None, num_workers=self.num_workers,
+            self.pipeline(epoch, start),
+            batch_size=None,
+            num_workers=self.num_workers,
             prefetch_factor=4 if self.num_workers else None,
             generator=torch.Generator().manual_seed(self.seed),
             worker_init_fn=_ignore_stop_signals,
@@ -238,8 +260,10 @@ class TrainLoader:
         share = shard_order(self.urls, self.seed, epoch)[rank :: self.world_size]
         num_read = sum(shard_sizes[url] for url in share)
         num_taken = self.steps_per_epoch * self.batch_size
-        return (f"rank {rank} epoch {epoch}: {num_read} users in its shards, "
-                f"{num_taken} taken ({self.steps_per_epoch} steps x {self.batch_size})")
+        return (
+            f"rank {rank} epoch {epoch}: {num_read} users in its shards, "
+            f"{num_taken} taken ({self.steps_per_epoch} steps x {self.batch_size})"
+        )
 
 
 def _ignore_stop_signals(worker: int) -> None:
