@@ -21,7 +21,8 @@ manifest's ``dropped`` as ``<reason>_rows``, ``<reason>_baskets``, ``<reason>_us
 
 Vocabulary: items are numbered 1..N by ascending original id (0 is padding) and
 users 0..U-1 by ascending original id, both over what is left after step 6.
-Inside a basket, items are stored in ascending id order.
+Inside a basket, items keep their input order (Instacart's add-to-cart order; a
+repeated item keeps the place of its first row), which also breaks P-TopFreq's ties.
 
 Splits: ``users`` puts each user in one split (a seeded permutation gives
 ``test_fraction`` then ``val_fraction`` of the users, rounded; the rest train; or
@@ -182,7 +183,7 @@ def filter_frame(
     a filter leaves nothing.
     """
     # eager: every filter reports counts, so each result is materialized once
-    frame = sort_rows(source.frame)
+    frame = sort_rows(source.frame.with_row_index("position"))
     sizes = count_sizes(frame)
     sizes["baskets"] += source.empty_baskets
     tally = Tally(sizes, sizes["baskets"], dict(source.dropped), cfg.input)
@@ -190,7 +191,13 @@ def filter_frame(
     is_repeat = ~_new_basket() & pl.col("item_id").eq_missing(
         pl.col("item_id").shift(1)
     )
+    if frame.select(is_repeat.any()).item():
+        # a repeated item keeps the place of its first row (and, sorted first, its flag)
+        first = pl.col("position").min().over((~is_repeat).cum_sum())
+        frame = frame.with_columns(position=first)
     frame = tally.keep(frame, ~is_repeat, "duplicate")
+    # items back in input order inside each basket (the sort above was for repeats)
+    frame = frame.sort("user_id", "basket", "position").drop("position")
     if keyset is not None:
         frame = tally.keep(
             frame, _in_keyset(frame, keyset, cfg.keyset), "not_in_keyset"
@@ -227,7 +234,7 @@ class Sequences:
     """Every kept user's baskets as flat arrays: no Python object per user."""
 
     items: np.ndarray
-    """int32 dense item indices of all rows, by user, basket, item."""
+    """int32 dense item indices of all rows, by user, basket, input order."""
     reordered: np.ndarray | None
     """uint8 flags aligned with ``items`` (None without the flag)."""
     basket_rows: np.ndarray
@@ -278,7 +285,7 @@ def dense_items(frame: pl.DataFrame, item_map: pl.DataFrame) -> np.ndarray:
 
 
 def to_sequences(frame: pl.DataFrame, item_map: pl.DataFrame) -> Sequences:
-    """Returns the flat arrays of a frame sorted by user_id, basket, item_id."""
+    """Returns the flat arrays of a frame sorted by user_id, basket."""
     marks = frame.select(user=_new_user(), basket=_new_basket())
     basket_starts = np.flatnonzero(marks["basket"].to_numpy())
     user_starts = np.flatnonzero(marks["user"].to_numpy()[basket_starts])

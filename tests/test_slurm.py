@@ -209,9 +209,17 @@ class LocalCluster:
         return done
 
     def job(self, job_id: str) -> dict[str, str]:
-        """Returns ``scontrol show job`` fields of a job (JobState, ExitCode, ...)."""
-        line = self.run(["scontrol", "show", "job", "-o", job_id]).stdout
-        return dict(f.split("=", 1) for f in line.split() if "=" in f)
+        """Returns ``scontrol show job`` fields of a job (JobState, ExitCode, ...).
+
+        Retries a few times: a busy slurmctld can time out one query.
+        """
+        for attempt in range(5):
+            done = self.run(["scontrol", "show", "job", "-o", job_id], check=False)
+            if done.returncode == 0:
+                fields = (f.split("=", 1) for f in done.stdout.split() if "=" in f)
+                return dict(fields)
+            time.sleep(1 + attempt)
+        raise RuntimeError(f"scontrol show job {job_id}: {done.stderr.strip()}")
 
     def logs(self) -> str:
         """Returns the tails of every daemon log, for failure messages."""
@@ -328,11 +336,15 @@ def _wait_for_end(cluster: LocalCluster, job_id: str, timeout_s: float) -> dict:
 
 
 def _logged_steps(run_dir: Path) -> list[int]:
-    """Returns the steps of metrics.jsonl's training records, in file order."""
+    """Returns the steps of metrics.jsonl's training records, in file order.
+
+    A last line still being written (no newline yet) is left out.
+    """
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines()]
+    lines = path.read_text().split("\n")[:-1]
+    records = [json.loads(line) for line in lines]
     return [r["step"] for r in records if "train/loss" in r]
 
 

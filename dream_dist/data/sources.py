@@ -43,7 +43,8 @@ class Source:
     """A canonical frame and what reading it left out."""
 
     frame: pl.DataFrame
-    """Canonical rows (see the module docstring), in no particular order."""
+    """Canonical rows (see the module docstring) in input order, which is kept
+    for the items inside a basket."""
     input_rows: int
     """Item rows read from the input files."""
     dropped: dict[str, int] = field(default_factory=dict)
@@ -384,7 +385,9 @@ def _order_baskets(lines: pl.LazyFrame, order_column: str) -> pl.LazyFrame:
         .with_row_index("basket")
         .select("user_id", "basket_id", pl.col("basket").cast(pl.Int64))
     )
-    return lines.join(baskets, on=["user_id", "basket_id"], how="inner")
+    return lines.join(
+        baskets, on=["user_id", "basket_id"], how="inner", maintain_order="left"
+    )
 
 
 # ---------------------------------------------------------------- reality check
