@@ -129,7 +129,7 @@ def count_rows(folder: Path) -> int:
 def synthesize(folder: Path, users: int, seed: int) -> float:
     """Writes synthetic CSVs for ``users`` into ``folder``; returns the seconds."""
     command = [sys.executable, "-m", "dream_dist.synth", "--out", str(folder)]
-    command += ["--users", str(users), "--seed", str(seed)]
+    command += ["--users", str(users), "--seed", str(seed), "--overwrite"]
     started = time.perf_counter()
     subprocess.run(command, check=True, cwd=ROOT)
     return time.perf_counter() - started
@@ -166,6 +166,7 @@ def measure(users: int, workdir: Path, seed: int, keep: bool) -> Run:
     synth_seconds = synthesize(data, users, seed)
     rows = count_rows(data)
     log_path = workdir / f"prepare_{users}.log"
+    shutil.rmtree(shards, ignore_errors=True)
     seconds, cpu_seconds, max_proc_gb, tree_pss_gb = run_prepare(data, shards, log_path)
     manifest = json.loads((shards / "manifest.json").read_text())
     print(

@@ -16,6 +16,12 @@ How a user's orders are made (all vectorised; one seeded random stream):
 - item pairs: a share of items ``a`` have a successor ``b`` (the same for every user);
   ``a`` in basket t puts ``b`` in basket t+1 with probability ``pair_prob``.
 - ``reordered`` is 1 exactly when the user bought the item in an earlier order.
+
+At Instacart's scale (``--users 206209``: ~3.4M orders, ~35M lines, reorder share
+0.60, ~10.2 items a basket) it takes about 25 s and 2 GB on two cores.
+
+Array suffixes: ``_U`` one value per user, ``_F`` per favourite, ``_C`` per
+personal catalogue entry; ``order_*`` arrays hold one value per order.
 """
 
 from __future__ import annotations
@@ -60,6 +66,8 @@ _PERIOD_SHARES = np.array([0.15, 0.25, 0.2, 0.15, 0.15, 0.1])
 
 @dataclass(frozen=True)
 class SynthParams:
+    """What to generate; the defaults match Instacart's shape."""
+
     num_users: int = 1000
     """Users to generate (Instacart has 206,209)."""
     num_items: int = INSTACART_ITEMS
@@ -88,6 +96,8 @@ class SynthParams:
 
 @dataclass(frozen=True)
 class SynthData:
+    """The four tables, as written to CSV."""
+
     orders: pl.DataFrame
     """orders.csv: one row per order, sorted by user_id then order_number."""
     prior: pl.DataFrame

@@ -134,7 +134,7 @@ def decode_sample(sample: dict[str, Any]) -> UserSequence:
         reordered = sample.get("reordered.npy")
         return UserSequence(
             user=int(key.rsplit("/", 1)[-1][1:]),
-            user_id=json.loads(sample["meta.json"])["user_id"],
+            user_id=json.loads(bytes(sample["meta.json"]))["user_id"],
             items=_npy_array(sample["items.npy"]),
             sizes=_npy_array(sample["sizes.npy"]),
             reordered=None if reordered is None else _npy_array(reordered),
@@ -213,21 +213,74 @@ class ShardSetWriter:
 
 
 def read_tar(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
-    """Yields raw samples of one shard in file order, without WebDataset's splitting."""
+    """Yields raw samples of one shard in file order, without WebDataset's splitting.
+
+    Plain ustar members (what ``ShardSetWriter`` writes) are parsed straight from
+    the file's bytes, several times faster than ``tarfile``; a shard with any other
+    member type (pax or GNU headers) is read through ``tarfile`` instead. Raises
+    InputError for a truncated or corrupt shard.
+    """
+    data = Path(path).read_bytes()
+    try:
+        members = list(_ustar_members(data))
+    except _NotPlainUstar:
+        members = list(_tarfile_members(path))
+    except ValueError as err:
+        raise InputError(f"{path}: not a readable tar shard ({err})") from None
+    yield from _group_members(members, str(path))
+
+
+class _NotPlainUstar(Exception):
+    """A member that only ``tarfile`` understands."""
+
+
+def _ustar_members(data: bytes) -> Iterator[tuple[str, bytes]]:
+    """Yields (name, payload) of every regular member; raises ValueError if corrupt."""
+    view, position = memoryview(data), 0
+    while position + 512 <= len(data):
+        header = data[position : position + 512]
+        if header[0] == 0:
+            return  # the zero blocks that end the archive
+        if header[156:157] not in (b"0", b"\0") or header[257:262] != b"ustar":
+            raise _NotPlainUstar
+        checksum = sum(header[:148]) + 256 + sum(header[156:])
+        if int(header[148:156].rstrip(b"\0 ") or b"0", 8) != checksum:
+            raise ValueError(f"bad header checksum at byte {position}")
+        size = int(header[124:136].rstrip(b"\0 ") or b"0", 8)
+        name = header[:100].split(b"\0", 1)[0]
+        prefix = header[345:500].split(b"\0", 1)[0]
+        start, position = position + 512, position + 512 + -(-size // 512) * 512
+        if start + size > len(data):
+            raise ValueError(f"member {name.decode()} is truncated")
+        full = prefix + b"/" + name if prefix else name
+        yield full.decode(), view[start : start + size]
+    raise ValueError("archive ends without its end-of-archive blocks")
+
+
+def _tarfile_members(path: str | os.PathLike) -> Iterator[tuple[str, bytes]]:
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                file = tar.extractfile(member) if member.isfile() else None
+                if file is not None:
+                    yield member.name, file.read()
+    except (tarfile.TarError, EOFError) as err:
+        raise InputError(f"{path}: not a readable tar shard ({err})") from None
+
+
+def _group_members(
+    members: Iterable[tuple[str, bytes]], url: str
+) -> Iterator[dict[str, Any]]:
+    """Yields samples: consecutive members sharing the key before the first dot."""
     sample: dict[str, Any] = {}
-    with tarfile.open(path) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.partition(".")
-            if sample and sample["__key__"] != key:
-                yield sample
-                sample = {}
-            file = tar.extractfile(member)
-            assert file is not None
-            sample.setdefault("__key__", key)
-            sample["__url__"] = str(path)
-            sample[ext] = file.read()
+    for name, payload in members:
+        key, _, ext = name.partition(".")
+        if sample and sample["__key__"] != key:
+            yield sample
+            sample = {}
+        if not sample:
+            sample = {"__key__": key, "__url__": url}
+        sample[ext] = payload
     if sample:
         yield sample
 

@@ -44,7 +44,7 @@ import webdataset as wds
 from webdataset.utils import pytorch_worker_info
 
 from dream_dist.data.batching import Batch, collate, length_buckets
-from dream_dist.data.shards import UserSequence, decode_sample, iter_users
+from dream_dist.data.shards import UserSequence, decode_sample, iter_users, read_tar
 from dream_dist.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -136,6 +136,12 @@ def _epoch_shards(urls: list[str], seed: int, epoch: int) -> Iterator[dict[str, 
         yield {"url": url}
 
 
+def _shard_samples(shards: Iterable[dict[str, str]]) -> Iterator[dict[str, Any]]:
+    """Yields the raw samples of each shard (``{"url": path}``) in file order."""
+    for shard in shards:
+        yield from read_tar(shard["url"])
+
+
 def _split_by_worker(
     src: Iterable[dict[str, str]], start: int
 ) -> Iterator[dict[str, str]]:
@@ -217,7 +223,7 @@ class TrainLoader:
                     _repeat_shards, seed=self.seed, epoch=epoch, start=start
                 )
             )
-        return [*stages, wds.tarfile_to_samples(), wds.map(decode_sample)]
+        return [*stages, _shard_samples, wds.map(decode_sample)]
 
     def first_pass(self, epoch: int) -> wds.DataPipeline:
         """Returns this rank and worker's users of ``epoch``, each shard read once."""
