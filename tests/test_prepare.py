@@ -14,6 +14,7 @@ import tarfile
 from pathlib import Path
 
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 from polars.testing import assert_frame_equal
 
@@ -113,6 +114,13 @@ def test_round_trip_holds_exactly_the_expected_sequences(tmp_path: Path) -> None
         schema={"user": pl.Int32, "user_id": pl.Int64, "split": pl.String},
     )
     assert_frame_equal(users, expected_users)
+    # the id maps are plain Parquet that other tools read too
+    assert pq.read_table(folder / "items.parquet").column("item_id").to_pylist() == [
+        3,
+        5,
+        7,
+        9,
+    ]
 
     # counts: every input row and basket is kept or dropped for a reason
     assert manifest["num_items"] == 4 and manifest["input_rows"] == 10
