@@ -39,7 +39,7 @@ from dream_dist.baselines import Baskets, TifuKnn
 from dream_dist.config import EvalConfig, ModelConfig
 from dream_dist.data.batching import collate
 from dream_dist.data.shards import UserSequence
-from dream_dist.evaluate import model_top_k
+from dream_dist.evaluate import CatalogScorer
 from dream_dist.metrics import finalize, metric_sums
 from dream_dist.model import DreamModel
 
@@ -66,13 +66,14 @@ def time_scoring(args: argparse.Namespace) -> dict[str, float]:
     size = args.batch_size
     chunks = [users[i : i + size] for i in range(0, len(users), size)]
     device = torch.device("cpu")
-    model_top_k(model, collate(chunks[0], drop_last_basket=True), K, device)
+    scorer = CatalogScorer(model, device)
+    scorer.top_k(collate(chunks[0], drop_last_basket=True), K)
 
     start, cpu_start = time.perf_counter(), time.process_time()
     batches = [collate(chunk, drop_last_basket=True) for chunk in chunks]
     collated = time.perf_counter()
     for batch in batches:
-        model_top_k(model, batch, K, device)
+        scorer.top_k(batch, K)
     done, cpu_done = time.perf_counter(), time.process_time()
     return {
         "users_per_s": len(users) / (done - start),

@@ -151,9 +151,16 @@ class DreamModel(nn.Module):
         users = torch.arange(batch.num_users, device=hidden_BTD.device)
         return hidden_BTD[users, batch.lengths_B - 1]
 
-    def score(self, h_BD: torch.Tensor) -> torch.Tensor:
-        """Returns scores_BI = h . e_i for every item; column 0 (padding) is -inf."""
-        scores_BI = h_BD @ self.item_embedding.weight.t().to(h_BD.dtype)
+    def score(
+        self, h_BD: torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Returns scores_BI = h . e_i for every item; column 0 (padding) is -inf.
+
+        ``out`` (B x I, h's dtype) receives the scores when given: reusing one buffer
+        saves a fresh large allocation per batch.
+        """
+        weight_DI = self.item_embedding.weight.t().to(h_BD.dtype)
+        scores_BI = torch.matmul(h_BD, weight_DI, out=out)
         # in place: a copy of B x I scores costs a third of full-catalog scoring
         scores_BI[:, 0] = -torch.inf
         return scores_BI

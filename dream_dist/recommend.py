@@ -33,11 +33,11 @@ from dream_dist.data.stream import rank_share
 from dream_dist.errors import InputError, run_entry_point
 from dream_dist.evaluate import (
     PARTS,
+    CatalogScorer,
     ShardSet,
     chunks,
     load_model,
     merge_parts,
-    model_top_k,
     open_shards,
     wants_model,
     write_part,
@@ -107,7 +107,7 @@ def recommend(cfg: Config, info: distributed.DistInfo) -> int:
     shards = open_shards(cfg)
     paths = [p for split in sequence_splits(shards) for p in shards.paths(split)]
     wanted = read_user_list(cfg.eval.users, shards) if cfg.eval.users else None
-    model = load_model(cfg, shards, info.device)
+    scorer = CatalogScorer(load_model(cfg, shards, info.device), info.device)
 
     k, mine = max(cfg.eval.k), rank_share(paths, info.rank, info.world_size)
     users = (u for u in iter_users(mine) if wanted is None or u.user in wanted)
@@ -118,7 +118,7 @@ def recommend(cfg: Config, info: distributed.DistInfo) -> int:
         for chunk in chunks(users, cfg.eval.batch_size):
             exclude = last_baskets(chunk) if cfg.eval.exclude_last_basket else None
             batch = collate(chunk, drop_last_basket=False)
-            lists.append(model_top_k(model, batch, k, info.device, exclude))
+            lists.append(scorer.top_k(batch, k, exclude))
             user_parts.append(np.array([u.user for u in chunk], dtype=np.int64))
             bar.update(len(chunk))
 
