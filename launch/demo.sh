@@ -8,7 +8,8 @@
 #
 # Everything it writes goes under runs/demo/ (raw CSVs, shards, the training run,
 # evaluation and recommendations); a second run starts that folder afresh.
-# Environment: USERS (synthetic users, default 8000), EPOCHS (default: the
+# Environment: USERS (synthetic users, default 8000), ITEMS (catalog size,
+# default 5000), EPOCHS (default: the
 # config's), PYTHON (interpreter for the virtualenv, default python3).
 # Settings: configs/demo.toml.
 set -euo pipefail
@@ -17,6 +18,7 @@ cd "$(dirname "$0")/.."
 config=configs/demo.toml
 demo=runs/demo
 users="${USERS:-8000}"
+items="${ITEMS:-5000}"
 epoch_flags=()
 if [[ -n "${EPOCHS:-}" ]]; then
   epoch_flags=(--train.epochs="$EPOCHS")
@@ -36,8 +38,8 @@ if ! python -c "import dream_dist, torch, polars, webdataset" 2>/dev/null; then
 fi
 rm -rf "$demo"
 
-stage "synthetic data: $users users in Instacart's CSV layout"
-python -m dream_dist.synth --out "$demo/raw" --users "$users" --seed 0
+stage "synthetic data: $users users, $items items in Instacart's CSV layout"
+python -m dream_dist.synth --out "$demo/raw" --users "$users" --items "$items" --seed 0
 
 stage "prepare: CSVs -> shards + manifest"
 python -m dream_dist.prepare --config "$config"
