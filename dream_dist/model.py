@@ -24,6 +24,7 @@ API (see ``dream_dist.data.batching`` for the Batch fields):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -142,8 +143,23 @@ class DreamModel(nn.Module):
 
         # NOTE: padding follows each user's last basket, so the causal RNN gives
         # the same valid states as a packed sequence, and stays autocast-friendly.
-        hidden_BTD, _ = self.rnn(grid_BTD)
+        hidden_BTD, _ = self._run_rnn(grid_BTD)
         return hidden_BTD
+
+    def _run_rnn(self, grid_BTD: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """Returns the RNN's output; under CUDA bf16 autocast the RNN runs in fp32.
+
+        NOTE: cuDNN's RNN autocast path casts to fp16 even when bf16 is asked for,
+        and fp16 without a gradient scaler can overflow; fp32 is the safe choice.
+        """
+        if (
+            grid_BTD.is_cuda
+            and torch.is_autocast_enabled("cuda")
+            and torch.get_autocast_dtype("cuda") == torch.bfloat16
+        ):
+            with torch.autocast("cuda", enabled=False):
+                return self.rnn(grid_BTD.float())
+        return self.rnn(grid_BTD)
 
     def user_vectors(self, batch: Batch) -> torch.Tensor:
         """Returns h_BD: the hidden state after each user's last input basket."""

@@ -110,8 +110,8 @@ def lr_at(step: int, cfg: Config, total_steps: int) -> float:
 def autocast_for(device: torch.device, amp: str) -> AbstractContextManager:
     """Returns the autocast context of ``train.amp`` on ``device``.
 
-    TODO(cuda-bf16-rnn): cuDNN's RNN may run in fp16 under bf16 autocast (see the
-    field notes); check the RNN output dtype on a GPU before trusting bf16 there.
+    Under CUDA bf16 the model keeps its RNN in fp32 (see ``DreamModel._run_rnn``);
+    ``tests/test_gpu.py`` checks the dtypes where a GPU is present.
     """
     if amp == "off":
         return nullcontext()
