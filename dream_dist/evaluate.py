@@ -255,7 +255,7 @@ class EvalBatch:
     @classmethod
     def of(cls, users: list[UserSequence]) -> EvalBatch:
         """Returns the EvalBatch of ``users`` (each needs at least two baskets)."""
-        cuts = [len(u.items) - int(u.sizes[-1]) for u in users]
+        cuts = [u.target_start for u in users]
         return cls(
             users=users,
             inputs=input_baskets(users),

@@ -88,7 +88,7 @@ def last_baskets(users: list[UserSequence]) -> Baskets:
             UserSequence(
                 u.user,
                 u.user_id,
-                u.items[len(u.items) - int(u.sizes[-1]) :],
+                u.items[u.target_start :],
                 u.sizes[-1:],
             )
             for u in users

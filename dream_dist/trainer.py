@@ -447,22 +447,18 @@ class Trainer:
                 )
                 scores_BI = model.score(model.user_vectors(batch)).float()
             loss += torch.stack([loss_sum.double(), num_pairs.double()]).cpu()
-            sums.append(self._metric_sums(scores_BI, batch, users, ks))
+            sums.append(self._metric_sums(scores_BI, users, ks))
         model.train()
         return self._reduce_validation(loss, reduce(sums), ks)
 
     @staticmethod
     def _metric_sums(
-        scores_BI: torch.Tensor, batch: Batch, users: list[UserSequence], ks: list[int]
+        scores_BI: torch.Tensor, users: list[UserSequence], ks: list[int]
     ) -> dict[str, int]:
         """Returns the metric sums of one validation batch."""
         topk_BK = top_k(scores_BI, max(ks))
-        offsets = batch.target_offsets_B1.tolist()
-        targets = [
-            batch.target_items_C[a:b].cpu()
-            for a, b in zip(offsets[:-1], offsets[1:], strict=True)
-        ]
-        histories = [u.items[: len(u.items) - int(u.sizes[-1])] for u in users]
+        targets = [u.items[u.target_start :] for u in users]
+        histories = [u.items[: u.target_start] for u in users]
         return metric_sums(topk_BK, targets, histories, ks)
 
     def _reduce_validation(

@@ -49,6 +49,11 @@ class UserSequence:
     def num_baskets(self) -> int:
         return len(self.sizes)
 
+    @property
+    def target_start(self) -> int:
+        """Index in ``items`` where the last basket (the target) begins."""
+        return len(self.items) - int(self.sizes[-1])
+
     def baskets(self) -> list[np.ndarray]:
         """Returns the baskets as separate arrays (for tests and small tools)."""
         return np.split(self.items, np.cumsum(self.sizes)[:-1])
