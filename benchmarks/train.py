@@ -9,7 +9,8 @@
    fixed number of steps on the 20k set; users/s is the mean of its logged
    ``train/users_per_s`` after the first (warm-up) interval.
 3. Reference: ``benchmarks/reference_dream.py`` (one user and one basket at a
-   time, whole-catalogue scores) on the same users, same config, same threads.
+   time, whole-catalogue scores) on the same users, same config, same threads
+   and the same malloc settings (``dream_dist.cpu``).
 4. Loader alone: users/s out of ``TrainLoader`` (decode, bucket, collate) with the
    config's loader workers, nothing else running.
 5. Peak memory: the trainer on 20k and on 200k users, each in a fresh process
@@ -39,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from dream_dist.config import parse_config
+from dream_dist.cpu import keep_freed_blocks
 from dream_dist.data.batching import length_buckets
 from dream_dist.data.shards import (
     FORMAT_VERSION,
@@ -197,6 +199,7 @@ def reference_speed(shards: Path, num_batches: int, threads: int) -> float:
     from reference_dream import ReferenceDream, reference_step
 
     torch.set_num_threads(threads)
+    keep_freed_blocks()  # the trainer's allocator settings (see dream_dist.cpu)
     cfg = parse_config(["--config", str(PAPER_CONFIG)])
     users = list(iter_users(sorted(shards.glob("train-*.tar"))[:1]))[: 32 * 64]
     batches = length_buckets(users, cfg.train.batch_size, np.random.default_rng(0))

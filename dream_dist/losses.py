@@ -24,7 +24,7 @@ So sampling happens here (indices only, no parameters), and one
 ``model(batch, pairs)`` call looks up basket items, positives and negatives
 together and returns the pair scores. The layered API, for callers that want
 the counts of dropped pairs: ``sample_catalog_pairs`` or ``sample_reorder_pairs``,
-then ``model(batch, pairs.index)``, then ``pair_loss``.
+then ``model(batch, pairs.index)`` (the margins s_pos - s_neg), then ``pair_loss``.
 
 Sampling is exact and vectorised: a negative is drawn uniformly from the allowed
 set by drawing its rank j among allowed values and skipping the excluded values
@@ -124,13 +124,10 @@ def sample_reorder_pairs(
     return SampledPairs(index, int((~keep).sum()) * num_negatives)
 
 
-def pair_loss(
-    pos_P: torch.Tensor, neg_PQ: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (loss_sum, num_pairs): summed ``-log sigmoid(pos - neg)`` in float32."""
-    diff_PQ = pos_P.float()[:, None] - neg_PQ.float()
-    num_pairs = torch.tensor(diff_PQ.numel(), device=diff_PQ.device)
-    return -F.logsigmoid(diff_PQ).sum(), num_pairs
+def pair_loss(margin_PQ: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (loss_sum, num_pairs): summed ``-log sigmoid(margin)`` in float32."""
+    num_pairs = torch.tensor(margin_PQ.numel(), device=margin_PQ.device)
+    return -F.logsigmoid(margin_PQ.float()).sum(), num_pairs
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -147,8 +144,7 @@ def bpr_loss(
     """
     num_items = _unwrap(model).num_items
     pairs = sample_catalog_pairs(batch, num_items, num_negatives, generator)
-    pos_P, neg_PQ = model(batch, pairs.index)
-    return pair_loss(pos_P, neg_PQ)
+    return pair_loss(model(batch, pairs.index))
 
 
 def reorder_bpr_loss(
@@ -160,8 +156,7 @@ def reorder_bpr_loss(
     (``sample_reorder_pairs`` counts them).
     """
     pairs = sample_reorder_pairs(batch, num_negatives, generator)
-    pos_P, neg_PQ = model(batch, pairs.index)
-    return pair_loss(pos_P, neg_PQ)
+    return pair_loss(model(batch, pairs.index))
 
 
 LOSSES = {"bpr": bpr_loss, "reorder": reorder_bpr_loss}

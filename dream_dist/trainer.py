@@ -40,6 +40,7 @@ from dream_dist.checkpoint import (
     set_rng_state,
 )
 from dream_dist.config import Config, ConfigError, to_dict, to_toml
+from dream_dist.cpu import keep_freed_blocks
 from dream_dist.data.batching import Batch
 from dream_dist.data.shards import UserSequence, load_manifest, shard_paths
 from dream_dist.data.stream import LoaderPosition, TrainLoader, eval_batches
@@ -122,16 +123,17 @@ def autocast_for(device: torch.device, amp: str) -> AbstractContextManager:
 def grad_norm_and_clip(params: list[nn.Parameter], max_norm: float) -> float:
     """Returns the total gradient norm, after scaling gradients to ``max_norm`` if > 0.
 
-    Works on dense and sparse gradients alike.
+    Works on dense and sparse gradients alike. Gradients are only rescaled when
+    the norm exceeds ``max_norm``: a pass over a large item table saved per step.
     """
     grads = [p.grad for p in params if p.grad is not None]
     norms = [(g.coalesce().values() if g.is_sparse else g).norm(2) for g in grads]
-    total = torch.stack(norms).norm(2) if norms else torch.zeros(())
-    if max_norm > 0:
-        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    total = float(torch.stack(norms).norm(2)) if norms else 0.0
+    if max_norm > 0 and not total <= max_norm:  # also scales a NaN/inf norm
+        coef = max_norm / (total + 1e-6)
         for g in grads:
-            g.mul_(coef.to(g.device))
-    return float(total)
+            g.mul_(coef)
+    return total
 
 
 def adam_update_norm(optimizers: list[torch.optim.Optimizer]) -> float:
@@ -186,6 +188,8 @@ class Trainer:
         cfg = self.cfg
         self.dist = distributed.init(cfg.train.device)
         setup_logging(cfg.logging.level, self.dist.rank)
+        if self.dist.device.type == "cpu":
+            keep_freed_blocks()  # see dream_dist.cpu: a quarter of a CPU step
         self._check_settings()
         self._install_signal_handlers()
 

@@ -16,7 +16,7 @@ from dream_dist.losses import (
     sample_catalog_pairs,
     sample_reorder_pairs,
 )
-from dream_dist.model import DreamModel
+from dream_dist.model import DreamModel, dropout
 
 
 def _random_users(
@@ -277,17 +277,29 @@ def test_sparse_and_dense_gradients_agree():
         torch.testing.assert_close(dense, sparse)
 
 
-def test_pair_scores_are_inner_products_of_hidden_and_item_rows():
+def test_pair_margins_are_inner_product_differences():
     model = _model(20).eval()
     batch = collate(USERS)
     pairs = sample_catalog_pairs(batch, 20, 3, torch.Generator().manual_seed(6)).index
-    pos_P, neg_PQ = model(batch, pairs)
+    margin_PQ = model(batch, pairs)
     hidden_PD = model(batch).reshape(-1, 8)[pairs.slot_P]
     weight = model.item_embedding.weight
-    torch.testing.assert_close(pos_P, (hidden_PD * weight[pairs.pos_items_P]).sum(-1))
-    expected = torch.einsum("pd,pqd->pq", hidden_PD, weight[pairs.neg_items_PQ])
-    torch.testing.assert_close(neg_PQ, expected)
+    pos_P = (hidden_PD * weight[pairs.pos_items_P]).sum(-1)
+    neg_PQ = torch.einsum("pd,pqd->pq", hidden_PD, weight[pairs.neg_items_PQ])
+    torch.testing.assert_close(margin_PQ, pos_P[:, None] - neg_PQ)
     loss = -F.logsigmoid(pos_P[:, None] - neg_PQ).sum()
     torch.testing.assert_close(
         bpr_loss(model, batch, torch.Generator().manual_seed(6), 3)[0], loss
     )
+
+
+def test_cpu_dropout_keeps_one_minus_p_and_rescales():
+    torch.manual_seed(7)
+    x = torch.ones(200_000, requires_grad=True)
+    y = dropout(x, 0.3, training=True)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.7) < 0.01
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.7))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, y.detach())  # gradient flows through kept only
+    assert dropout(x, 0.3, training=False) is x

@@ -18,10 +18,10 @@ only along the basket axis. Hidden state t of user b predicts basket t+1: every
 step g has ``step_slot_G[g]`` (the grid row of its hidden state), and its
 positives are the ``pos_items_P`` with ``pos_step_P == g``.
 
-``drop_last_basket=False`` feeds every basket (training, recommending the next
-unknown basket); ``True`` keeps each user's last basket out of the input and
-makes it the target (validation and test users). Both give the same BPR pairs,
-so training with ``True`` is the same loss with one fewer RNN step.
+``drop_last_basket=False`` feeds every basket (recommending the next unknown
+basket); ``True`` keeps each user's last basket out of the input and makes it
+the target (training, validation and test users). Both give the same BPR pairs;
+``True`` saves the RNN step whose hidden state predicts nothing.
 
 Keys of sorted exclusion lists pack ``step << 32 | value`` into int64, so one
 ``searchsorted`` answers per-step questions for the whole batch (see losses.py).

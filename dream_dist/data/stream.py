@@ -242,7 +242,8 @@ class TrainLoader:
         return wds.DataPipeline(
             *self._user_stages(epoch, start, repeat=True),
             bucket,
-            wds.map(functools.partial(collate, drop_last_basket=False)),
+            # the last basket's hidden state predicts nothing: no RNN step for it
+            wds.map(functools.partial(collate, drop_last_basket=True)),
         )
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
