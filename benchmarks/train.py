@@ -190,11 +190,15 @@ def run_trainer(
         "users_per_s": float(np.mean(speeds[1:] or speeds)),
         "peak_rss_gb": sum(peaks.values()) / 2**20,
         "num_processes": len(peaks),
+        "peaks_gb": sorted(round(v / 2**20, 3) for v in peaks.values()),
     }
 
 
-def reference_speed(shards: Path, num_batches: int, threads: int) -> float:
-    """Returns users/s of the per-user reference on length-bucketed batches."""
+def reference_speed(
+    shards: Path, num_batches: int, threads: int
+) -> tuple[float, float]:
+    """Returns users/s of the per-user reference on length-bucketed batches, and the
+    mean number of baskets of the users it timed."""
     import torch
     from reference_dream import ReferenceDream, reference_step
 
@@ -207,12 +211,21 @@ def reference_speed(shards: Path, num_batches: int, threads: int) -> float:
     model = ReferenceDream(NUM_ITEMS, cfg.model)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
     rng = random.Random(0)
+    # batches at evenly spaced quantiles of length: the timed users have about
+    # as many baskets as the training set (a user's cost grows with them)
+    batches.sort(key=lambda batch: np.mean([seq.num_baskets for seq in batch]))
+    timed = [
+        batches[(2 * i + 1) * len(batches) // (2 * num_batches)]
+        for i in range(num_batches)
+    ]
     reference_step(model, optimizer, batches[0], rng, cfg.train.clip)  # warm-up
-    start, num_users = time.perf_counter(), 0
-    for batch in batches[1 : 1 + num_batches]:
+    start = time.perf_counter()
+    for batch in timed:
         reference_step(model, optimizer, batch, rng, cfg.train.clip)
-        num_users += len(batch)
-    return num_users / (time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    num_users = sum(len(batch) for batch in timed)
+    num_baskets = sum(seq.num_baskets for batch in timed for seq in batch)
+    return num_users / seconds, num_baskets / num_users
 
 
 def loader_speed(shards: Path, num_batches: int) -> float:
@@ -265,7 +278,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    steps, ref_batches, loader_batches = (60, 1, 300) if args.quick else (300, 3, 2000)
+    steps, ref_batches, loader_batches = (60, 2, 300) if args.quick else (300, 8, 2000)
     log_every = 10 if args.quick else 25
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     flags = ["--train.sparse=true"] if args.sparse else []
@@ -291,10 +304,18 @@ def main(argv: list[str]) -> int:
             work / "shards_20000", loader_batches
         )
         print(f"loader: {results['loader_users_per_s']:.0f} users/s", flush=True)
-        results["reference_users_per_s"] = reference_speed(
+        reference, ref_baskets = reference_speed(
             work / "shards_20000", ref_batches, args.threads
         )
-        print(f"reference: {results['reference_users_per_s']:.2f} users/s", flush=True)
+        results["reference_users_per_s"] = reference
+        manifest = json.loads((work / "shards_20000" / MANIFEST).read_text())
+        train = manifest["splits"]["train"]
+        print(
+            f"reference: {reference:.2f} users/s over {ref_batches} batches "
+            f"({ref_baskets:.1f} baskets a user; the training set has "
+            f"{train['baskets'] / train['users']:.1f})",
+            flush=True,
+        )
 
     users_per_s = results["users_per_s_20k"]
     summary = {

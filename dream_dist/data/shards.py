@@ -17,7 +17,7 @@ import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -217,58 +217,89 @@ class ShardSetWriter:
         ]
 
 
+_READ_CHUNK = 1 << 22
+"""Bytes read from a shard at a time: memory stays flat whatever the shard's size."""
+
+
 def read_tar(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
     """Yields raw samples of one shard in file order, without WebDataset's splitting.
 
     Plain ustar members (what ``ShardSetWriter`` writes) are parsed straight from
-    the file's bytes, several times faster than ``tarfile``; a shard with any other
-    member type (pax or GNU headers) is read through ``tarfile`` instead. Raises
-    InputError for a truncated or corrupt shard.
+    4 MB chunks of the file, several times faster than ``tarfile``; from the first
+    member of any other type (pax or GNU headers) on, ``tarfile`` reads the rest.
+    Raises InputError for a truncated or corrupt shard, after the samples before
+    the damage.
     """
-    data = Path(path).read_bytes()
+    with open(path, "rb") as file:
+        try:
+            yield from _group_members(_members(file, str(path)), str(path))
+        except ValueError as err:
+            raise InputError(f"{path}: not a readable tar shard ({err})") from None
+
+
+def _members(file: BinaryIO, path: str) -> Iterator[tuple[str, memoryview | bytes]]:
+    """Yields (name, payload) of every regular member of an open shard."""
     try:
-        members = list(_ustar_members(data))
+        yield from _ustar_members(file)
     except _NotPlainUstar:
-        members = list(_tarfile_members(path))
-    except ValueError as err:
-        raise InputError(f"{path}: not a readable tar shard ({err})") from None
-    yield from _group_members(members, str(path))
+        yield from _tarfile_members(file, path)
 
 
 class _NotPlainUstar(Exception):
-    """A member that only ``tarfile`` understands."""
+    """A member that only ``tarfile`` understands; the file is left at its header."""
 
 
-def _ustar_members(data: bytes) -> Iterator[tuple[str, bytes]]:
-    """Yields (name, payload) of every regular member; raises ValueError if corrupt."""
-    view, position = memoryview(data), 0
-    while position + 512 <= len(data):
+def _ustar_members(file: BinaryIO) -> Iterator[tuple[str, memoryview]]:
+    """Yields (name, payload) of every regular member; raises ValueError if corrupt.
+
+    ``data[position:]`` is the unparsed part of the current chunk and ``base`` the
+    file offset of ``data[0]``; a member that crosses the chunk's end is completed
+    with the next read.
+    """
+    data, position, base = b"", 0, file.tell()
+
+    def refill(need: int) -> None:
+        nonlocal data, position, base
+        rest = data[position:]
+        data = rest + file.read(max(_READ_CHUNK, need - len(rest)))
+        base, position = base + position, 0
+
+    while True:
+        if position + 512 > len(data):
+            refill(512)
+            if position + 512 > len(data):
+                raise ValueError("archive ends without its end-of-archive blocks")
         header = data[position : position + 512]
         if header[0] == 0:
             return  # the zero blocks that end the archive
         if header[156:157] not in (b"0", b"\0") or header[257:262] != b"ustar":
+            file.seek(base + position)
             raise _NotPlainUstar
         checksum = sum(header[:148]) + 256 + sum(header[156:])
         if int(header[148:156].rstrip(b"\0 ") or b"0", 8) != checksum:
-            raise ValueError(f"bad header checksum at byte {position}")
+            raise ValueError(f"bad header checksum at byte {base + position}")
         size = int(header[124:136].rstrip(b"\0 ") or b"0", 8)
         name = header[:100].split(b"\0", 1)[0]
         prefix = header[345:500].split(b"\0", 1)[0]
-        start, position = position + 512, position + 512 + -(-size // 512) * 512
-        if start + size > len(data):
-            raise ValueError(f"member {name.decode()} is truncated")
-        full = prefix + b"/" + name if prefix else name
-        yield full.decode(), view[start : start + size]
-    raise ValueError("archive ends without its end-of-archive blocks")
+        full = (prefix + b"/" + name if prefix else name).decode()
+        padded = -(-size // 512) * 512
+        if position + 512 + padded > len(data):
+            refill(512 + padded)
+            if position + 512 + size > len(data):
+                raise ValueError(f"member {full} is truncated")
+        start = position + 512
+        yield full, memoryview(data)[start : start + size]
+        position = start + padded
 
 
-def _tarfile_members(path: str | os.PathLike) -> Iterator[tuple[str, bytes]]:
+def _tarfile_members(file: BinaryIO, path: str) -> Iterator[tuple[str, bytes]]:
+    """Yields (name, payload) of every regular member from the file's position on."""
     try:
-        with tarfile.open(path) as tar:
+        with tarfile.open(fileobj=file, mode="r:") as tar:
             for member in tar:
-                file = tar.extractfile(member) if member.isfile() else None
-                if file is not None:
-                    yield member.name, file.read()
+                payload = tar.extractfile(member) if member.isfile() else None
+                if payload is not None:
+                    yield member.name, payload.read()
     except (tarfile.TarError, EOFError) as err:
         raise InputError(f"{path}: not a readable tar shard ({err})") from None
 
