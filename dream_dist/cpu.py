@@ -4,7 +4,7 @@ A dense gradient of the item table is one large block (49,689 x 128 floats is
 25 MB) allocated by every backward pass and freed by ``zero_grad``. glibc's
 malloc serves blocks of that size with fresh ``mmap`` pages and returns them to
 the system when freed, so every step pays for faulting in and zeroing 25 MB of
-new pages: on a 2-core machine about a quarter of the step at
+new pages: on a 2-core machine up to a quarter of the step at
 ``configs/dream_paper.toml``. ``keep_freed_blocks`` tells malloc to serve blocks
 up to its largest ``mmap`` threshold (32 MB on 64-bit) from the heap and to keep
 freed memory for reuse. Peak memory is unchanged; memory freed after the peak is

@@ -189,7 +189,7 @@ class Trainer:
         self.dist = distributed.init(cfg.train.device)
         setup_logging(cfg.logging.level, self.dist.rank)
         if self.dist.device.type == "cpu":
-            keep_freed_blocks()  # see dream_dist.cpu: a quarter of a CPU step
+            keep_freed_blocks()  # see dream_dist.cpu: up to a quarter of a step
         self._check_settings()
         self._install_signal_handlers()
 
