@@ -11,6 +11,8 @@ A checkpoint is a plain dict saved with ``torch.save`` and read back with
 - ``rng``: one entry per rank, ``{"python", "numpy", "torch", "cuda"}``
 - ``config``: the resolved config (``to_dict``); ``num_items``: vocabulary size
 - ``best_recall``: best validation Recall@10 so far (-1.0 before any validation)
+- ``wandb_run_id``: the W&B run a resume continues (None without W&B; absent in
+  checkpoints written before it existed)
 - ``format_version``
 """
 

@@ -99,7 +99,10 @@ def resolve_wandb_mode(wanted: str) -> str:
 class Tracker:
     """Rank 0's metric sinks; every method is a no-op on other ranks."""
 
-    def __init__(self, cfg: Config, run_dir: Path, is_main: bool) -> None:
+    def __init__(
+        self, cfg: Config, run_dir: Path, is_main: bool, wandb_id: str | None = None
+    ) -> None:
+        """Opens the sinks on rank 0; ``wandb_id`` names the W&B run to continue."""
         self.is_main = is_main
         self._wandb_run: Any = None
         self._jsonl = None
@@ -109,7 +112,12 @@ class Tracker:
         self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
         mode = resolve_wandb_mode(cfg.logging.wandb)
         if mode != "disabled":
-            self._wandb_run = _init_wandb(cfg, run_dir, mode)
+            self._wandb_run = _init_wandb(cfg, run_dir, mode, wandb_id)
+
+    @property
+    def wandb_run_id(self) -> str | None:
+        """The W&B run's id (rank 0 with W&B on), else None."""
+        return None if self._wandb_run is None else str(self._wandb_run.id)
 
     def log(self, step: int, metrics: dict[str, float], console: bool = False) -> None:
         """Records ``metrics`` at optimizer step ``step``; prints the line if asked."""
@@ -133,14 +141,20 @@ class Tracker:
             self._wandb_run = None
 
 
-def _init_wandb(cfg: Config, run_dir: Path, mode: str) -> Any:
+def _init_wandb(cfg: Config, run_dir: Path, mode: str, run_id: str | None) -> Any:
     """Returns a started W&B run in ``run_dir/wandb`` (the sweep agent's run if any).
 
-    TODO(wandb-resume): a resumed training run starts a new W&B run; passing the
-    first run's id with resume="allow" would continue its charts.
+    A resumed training run passes the id its checkpoint saved and continues that
+    W&B run (``resume="allow"``; offline, the new folder carries the same id and
+    ``wandb sync`` joins them). Steps logged after the checkpoint by the stopped
+    attempt are not rewritten: W&B keeps the first value of a step.
     """
     import wandb
 
+    resume: dict[str, Any] = {}
+    if run_id and not os.environ.get("WANDB_RUN_ID"):  # a sweep agent sets its own
+        resume = {"id": run_id, "resume": "allow"}
+        log.info("continuing W&B run %s", run_id)
     return wandb.init(
         dir=str(run_dir),
         project=cfg.logging.project,
@@ -148,4 +162,5 @@ def _init_wandb(cfg: Config, run_dir: Path, mode: str) -> Any:
         name=cfg.logging.run_name or None,
         config=to_dict(cfg),
         mode=mode,
+        **resume,
     )

@@ -210,9 +210,14 @@ class Trainer:
         if self.dist.is_main:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.toml").write_text(to_toml(cfg))
-        self.tracker = Tracker(cfg, self.run_dir, self.dist.is_main)
+        ckpt = None
         if cfg.train.resume == "auto" and (self.ckpt_dir / "last.pt").exists():
-            self._resume(self.ckpt_dir / "last.pt")
+            ckpt = load_checkpoint(self.ckpt_dir / "last.pt")
+            check_compatible(ckpt, self.num_items, cfg.model)
+        wandb_id = ckpt.get("wandb_run_id") if ckpt else None
+        self.tracker = Tracker(cfg, self.run_dir, self.dist.is_main, wandb_id)
+        if ckpt is not None:
+            self._resume(ckpt)
         self._wrap_ddp()
         log.info(
             "%d train steps (%d an epoch, %d ranks x %d users, %d loader workers)",
@@ -312,10 +317,8 @@ class Trainer:
 
         self._old_handlers = {s: signal.signal(s, request_stop) for s in STOP_SIGNALS}
 
-    def _resume(self, path: Path) -> None:
+    def _resume(self, ckpt: dict[str, Any]) -> None:
         """Restores model, optimizers, scaler, counters, loader and random streams."""
-        ckpt = load_checkpoint(path)
-        check_compatible(ckpt, self.num_items, self.cfg.model)
         self.raw_model.load_state_dict(ckpt["model"])
         for opt, state in zip(self.optimizers, ckpt["optimizer"], strict=True):
             opt.load_state_dict(state)
@@ -326,7 +329,7 @@ class Trainer:
         self.resumed_from = self.step
         log.info(
             "resumed from %s at step %d (epoch %d, batch %d)",
-            path,
+            ckpt["path"],
             self.step,
             self.position.epoch,
             self.position.step_in_epoch,
@@ -503,6 +506,7 @@ class Trainer:
             "config": to_dict(self.cfg),
             "num_items": self.num_items,
             "best_recall": self.best_recall,
+            "wandb_run_id": self.tracker.wandb_run_id,
         }
 
     def save(self, best: bool = False) -> None:

@@ -183,7 +183,7 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(shards, full_run, tmp_
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "HOLD").touch()
-    flags = _flags(shards, run_dir, "--train.val_every=10")
+    flags = _flags(shards, run_dir, "--train.val_every=10", "--logging.wandb=offline")
     proc = subprocess.Popen(
         _torchrun(flags),
         cwd=tmp_path,
@@ -202,6 +202,13 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(shards, full_run, tmp_
     proc = _run(_torchrun(flags), tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert all(s["resumed_from"] == HOLD_STEP for s in _ranks(run_dir))
+
+    # the resumed attempt continues the first attempt's W&B run
+    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2, runs
+    assert len({next(r.glob("run-*.wandb")).stem for r in runs}) == 1, runs
+    assert "continuing W&B run" in proc.stderr
+
     resumed = _params(run_dir / "checkpoints" / "last.pt")
     reference = _params(full_run / "checkpoints" / "last.pt")
     assert resumed.keys() == reference.keys()
