@@ -104,11 +104,29 @@ def test_reader_hands_pax_members_to_tarfile(tmp_path):
     _assert_same_users(list(iter_users([path])), users)
 
 
-def test_reader_names_a_truncated_shard(tmp_path):
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        # the last member (reordered flags) cut 50 bytes into its payload
+        (
+            lambda data: data[: -1024 - 512 + 50],
+            "u000000005.reordered.npy is truncated",
+        ),
+        (lambda data: data[:-1024], "ends without its end-of-archive blocks"),
+        # one byte of the third member's name, inside its header
+        (
+            lambda data: data[:2058] + b"X" + data[2059:],
+            "bad header checksum at byte 2048",
+        ),
+    ],
+)
+def test_reader_names_a_damaged_shard(tmp_path, damage, message):
     writer = ShardSetWriter(tmp_path, "train", num_shards=1)
     for seq in _users(6):
         writer.write(seq)
     path = tmp_path / writer.close()[0]["path"]
-    path.write_bytes(path.read_bytes()[:-3000])
-    with pytest.raises(InputError, match=f"{path}: not a readable tar shard"):
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(
+        InputError, match=f"{path}: not a readable tar shard .*{message}"
+    ):
         list(read_tar(path))

@@ -252,44 +252,78 @@ class _NotPlainUstar(Exception):
 def _ustar_members(file: BinaryIO) -> Iterator[tuple[str, memoryview]]:
     """Yields (name, payload) of every regular member; raises ValueError if corrupt.
 
-    ``data[position:]`` is the unparsed part of the current chunk and ``base`` the
-    file offset of ``data[0]``; a member that crosses the chunk's end is completed
-    with the next read.
+    Works a chunk at a time: ``_scan_chunk`` finds the members that lie wholly in
+    ``data``, their header checksums are verified together, then they are yielded;
+    the unparsed tail starts the next chunk. ``base`` is the file offset of
+    ``data[0]``, always a multiple of 512 like every header.
     """
-    data, position, base = b"", 0, file.tell()
-
-    def refill(need: int) -> None:
-        nonlocal data, position, base
-        rest = data[position:]
-        data = rest + file.read(max(_READ_CHUNK, need - len(rest)))
-        base, position = base + position, 0
-
+    data, base, need = b"", file.tell(), 512
     while True:
-        if position + 512 > len(data):
-            refill(512)
-            if position + 512 > len(data):
+        more = file.read(max(_READ_CHUNK, need))
+        if not more:
+            if len(data) < 512:
                 raise ValueError("archive ends without its end-of-archive blocks")
-        header = data[position : position + 512]
-        if header[0] == 0:
-            return  # the zero blocks that end the archive
-        if header[156:157] not in (b"0", b"\0") or header[257:262] != b"ustar":
+            name = data[:100].split(b"\0", 1)[0].decode(errors="replace")
+            raise ValueError(f"member {name} is truncated")
+        data += more
+        members, position, stop = _scan_chunk(data)
+        _check_header_sums(data, [m[0] for m in members], base)
+        view = memoryview(data)
+        for _, name, start, size in members:
+            yield name, view[start : start + size]
+        if stop == "end":
+            return
+        if stop == "other":
             file.seek(base + position)
             raise _NotPlainUstar
-        checksum = sum(header[:148]) + 256 + sum(header[156:])
-        if int(header[148:156].rstrip(b"\0 ") or b"0", 8) != checksum:
-            raise ValueError(f"bad header checksum at byte {base + position}")
+        data, base, need = data[position:], base + position, stop
+
+
+def _scan_chunk(data: bytes) -> tuple[list[tuple[int, str, int, int]], int, Any]:
+    """Returns (members, position, stop) for the members wholly inside ``data``.
+
+    Members are ``(header offset, name, payload offset, size)``; ``position`` is
+    where parsing stopped and ``stop`` says why: "end" (the zero blocks that end
+    the archive), "other" (a member only ``tarfile`` reads), or the bytes needed
+    from ``position`` on to complete the next member.
+    """
+    members, position = [], 0
+    while position + 512 <= len(data):
+        header = data[position : position + 512]
+        if header[0] == 0:
+            return members, position, "end"
+        if header[156:157] not in (b"0", b"\0") or header[257:262] != b"ustar":
+            return members, position, "other"
         size = int(header[124:136].rstrip(b"\0 ") or b"0", 8)
+        padded = -(-size // 512) * 512
+        if position + 512 + padded > len(data):
+            return members, position, 512 + padded
         name = header[:100].split(b"\0", 1)[0]
         prefix = header[345:500].split(b"\0", 1)[0]
         full = (prefix + b"/" + name if prefix else name).decode()
-        padded = -(-size // 512) * 512
-        if position + 512 + padded > len(data):
-            refill(512 + padded)
-            if position + 512 + size > len(data):
-                raise ValueError(f"member {full} is truncated")
-        start = position + 512
-        yield full, memoryview(data)[start : start + size]
-        position = start + padded
+        members.append((position, full, position + 512, size))
+        position += 512 + padded
+    return members, position, 512
+
+
+def _check_header_sums(data: bytes, offsets: list[int], base: int) -> None:
+    """Raises ValueError unless every header at ``offsets`` has a valid checksum.
+
+    The sum of a header's bytes, its checksum field counted as spaces, for all
+    the chunk's headers at once (a Python byte sum per header would take half
+    the parsing time).
+    """
+    if not offsets:
+        return
+    blocks = np.frombuffer(data, np.uint8, len(data) // 512 * 512).reshape(-1, 512)
+    headers = blocks[np.asarray(offsets) // 512]
+    sums = headers.sum(axis=1, dtype=np.int64) - headers[:, 148:156].sum(
+        axis=1, dtype=np.int64
+    )
+    stored = [int(data[o + 148 : o + 156].rstrip(b"\0 ") or b"0", 8) for o in offsets]
+    bad = np.flatnonzero(sums + 256 != np.asarray(stored))
+    if bad.size:
+        raise ValueError(f"bad header checksum at byte {base + offsets[bad[0]]}")
 
 
 def _tarfile_members(file: BinaryIO, path: str) -> Iterator[tuple[str, bytes]]:
