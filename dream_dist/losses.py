@@ -22,7 +22,7 @@ inside ``forward``; a second use outside it (scoring with
 ``find_unused_parameters`` (traversal from forward's outputs) or ``static_graph``.
 So sampling happens here (indices only, no parameters), and one
 ``model(batch, pairs)`` call looks up basket items, positives and negatives
-together and returns the pair scores. The layered API, for callers that want
+together and returns the pair margins. The layered API, for callers that want
 the counts of dropped pairs: ``sample_catalog_pairs`` or ``sample_reorder_pairs``,
 then ``model(batch, pairs.index)`` (the margins s_pos - s_neg), then ``pair_loss``.
 
