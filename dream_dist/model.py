@@ -43,15 +43,14 @@ _RNNS = {
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Returns ``F.dropout(x, p, training)``; on CPU with a mask from ``torch.rand``.
+    """Returns ``F.dropout(x, p, training)`` for 0 <= p < 1 (``--model.dropout``);
+    on CPU with a mask from ``torch.rand``.
 
     NOTE: CPU ``bernoulli_`` with a float probability takes about three times as
     long as drawing uniforms and comparing them.
     """
     if not training or p == 0.0 or x.is_cuda:
         return F.dropout(x, p, training)
-    if p == 1.0:
-        return x * 0.0
     keep = torch.rand_like(x).ge_(p).div_(1.0 - p)
     return x * keep
 

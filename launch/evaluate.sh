@@ -12,10 +12,4 @@ set -euo pipefail
 # shellcheck source=launch/lib.sh
 source "$(dirname "$0")/lib.sh"
 
-nproc="${NPROC:-$(default_nproc)}"
-config_flags=()
-if [[ -n "${CONFIG:-}" ]]; then
-  config_flags=(--config "$CONFIG")
-fi
-exec torchrun --standalone --nproc-per-node="$nproc" \
-  -m dream_dist.evaluate "${config_flags[@]}" "$@"
+run_module dream_dist.evaluate "$@"

@@ -279,7 +279,9 @@ def _ustar_members(file: BinaryIO) -> Iterator[tuple[str, memoryview]]:
         data, base, need = data[position:], base + position, stop
 
 
-def _scan_chunk(data: bytes) -> tuple[list[tuple[int, str, int, int]], int, Any]:
+def _scan_chunk(
+    data: bytes,
+) -> tuple[list[tuple[int, str, int, int]], int, str | int]:
     """Returns (members, position, stop) for the members wholly inside ``data``.
 
     Members are ``(header offset, name, payload offset, size)``; ``position`` is
